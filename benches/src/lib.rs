@@ -1,0 +1,1 @@
+//! moeba-benches: criterion benchmarks live in benches/; this library is empty.

@@ -1,0 +1,2 @@
+//! The `moeba` command.
+fn main() {}

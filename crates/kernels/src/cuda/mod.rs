@@ -1,0 +1,1 @@
+//! CUDA launchers for the ops (the `cuda` feature). (Filled in by the CUDA pipeline work.)

@@ -1,0 +1,2 @@
+//! `cargo xtask`: kernel microbenchmarks and GPU helpers (filled in by the bench work).
+fn main() {}
