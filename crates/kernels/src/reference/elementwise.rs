@@ -1,0 +1,1 @@
+//! Reference elementwise ops (see the module docs of `reference`).

@@ -1,0 +1,1 @@
+//! Reference index ops (see the module docs of `reference`).

@@ -1,0 +1,1 @@
+//! Reference matmul ops (see the module docs of `reference`).

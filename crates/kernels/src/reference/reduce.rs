@@ -1,0 +1,1 @@
+//! Reference reduce ops (see the module docs of `reference`).
