@@ -1,4 +1,24 @@
-//! moeba-nn: layers with HuggingFace-style dotted parameter names, and the hybrid model.
+//! moeba-nn: layers with HuggingFace-style dotted parameter names, and (as the project grows)
+//! the Mamba, attention and MoE mixers and the hybrid model.
 //!
-//! May depend on moeba-tensor, moeba-kernels and moeba-autograd. Knows nothing of files or configs
-//! beyond safetensors payloads.
+//! Parameters live in a [`ParamStore`]; layers are built from a [`ParamPath`] into it, so a layer
+//! built under `model.layers.0.mlp` owns `model.layers.0.mlp.gate_proj.weight` and so on, the
+//! names HF checkpoints use. Forward passes take and return [`moeba_autograd::Var`]s.
+//!
+//! May depend on moeba-tensor, moeba-kernels and moeba-autograd. Knows nothing of files or
+//! configs: it reads and writes safetensors payloads as bytes.
+
+mod embedding;
+mod linear;
+mod mlp;
+mod norm;
+mod params;
+pub mod safetensors_io;
+mod window_lm;
+
+pub use embedding::Embedding;
+pub use linear::Linear;
+pub use mlp::SwiGluMlp;
+pub use norm::{rms_norm, RmsNorm};
+pub use params::{Init, Param, ParamPath, ParamStore};
+pub use window_lm::{WindowLm, WindowLmConfig};
