@@ -6,6 +6,7 @@ pub mod concat;
 pub mod index;
 pub mod loss;
 pub mod matmul;
+pub mod par;
 pub mod reduce;
 pub mod simd;
 pub mod softmax;
