@@ -102,7 +102,7 @@ fn main() -> moeba_tensor::Result<()> {
         std::hint::black_box(ops::sum_all(&a).expect("sum"));
     });
     println!("ops::sum_all           {:8.2} ms  {:6.2} GB/s", t_sum * 1e3, gbs(4.0 * n as f64, t_sum));
-    if n % 4096 == 0 {
+    if n.is_multiple_of(4096) {
         let x = a.reshape((n / 4096, 4096))?;
         let t_sm = best_of(reps, || {
             std::hint::black_box(ops::softmax(&x, 1).expect("softmax"));

@@ -17,7 +17,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Creates (or finds) `path.weight`.
     pub fn new(path: &ParamPath, dim: usize, eps: f64) -> Result<Self> {
-        if !(eps > 0.0) {
+        if eps.is_nan() || eps <= 0.0 {
             return Err(Error::invalid("RmsNorm::new", "eps", format!("must be > 0, got {eps}")));
         }
         Ok(RmsNorm { weight: path.get("weight", dim, Init::Ones)?, eps, dim })

@@ -74,6 +74,20 @@ pub fn sample_batch(
     Ok((Tensor::from_vec(x, (batch, len), device)?, Tensor::from_vec(y, (batch, len), device)?))
 }
 
+/// Samples `batch` random windows of `context` tokens and the token after each: returns
+/// (windows (batch, context), next (batch)) as U32 tensors.
+pub fn sample_windows(
+    tokens: &[u32],
+    batch: usize,
+    context: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (x, y) = sample_batch(tokens, batch, context, rng, device)?;
+    let next = y.narrow(1, context - 1, 1)?.reshape(batch)?;
+    Ok((x, next.contiguous()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,18 +104,4 @@ mod tests {
         assert_eq!(&x[1..8], &y[0..7]);
         assert!(sample_batch(&ds.train[..5], 1, 8, &mut rng, &Device::Cpu).is_err());
     }
-}
-
-/// Samples `batch` random windows of `context` tokens and the token after each: returns
-/// (windows (batch, context), next (batch)) as U32 tensors.
-pub fn sample_windows(
-    tokens: &[u32],
-    batch: usize,
-    context: usize,
-    rng: &mut Rng,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let (x, y) = sample_batch(tokens, batch, context, rng, device)?;
-    let next = y.narrow(1, context - 1, 1)?.reshape(batch)?;
-    Ok((x, next.contiguous()?))
 }

@@ -146,7 +146,7 @@ impl TrainOptions {
                 return Err(TrainError::BadOption { key, msg: "must be > 0".into() });
             }
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
             return Err(TrainError::BadOption {
                 key: "learning_rate",
                 msg: format!("must be > 0, got {}", self.learning_rate),

@@ -939,7 +939,7 @@ unsafe fn load_src<V: Vf32>(s: Src, i: usize) -> V {
 fn stream_prologue<V: Vf32>(out: *mut f32, n: usize) -> usize {
     let align = V::LANES * 4;
     let mis = (out as usize) % align;
-    if mis == 0 || mis % 4 != 0 {
+    if mis == 0 || !mis.is_multiple_of(4) {
         // Aligned already, or not even f32-aligned (cannot happen for a `*mut f32`).
         return 0;
     }
