@@ -3,9 +3,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::{
-    CpuStorage, DType, Device, Error, Layout, Result, Rng, Shape, Storage, StridedBlocks, WithDType,
-};
+use crate::{CpuStorage, DType, Device, Error, Layout, Result, Rng, Shape, Storage, WithDType};
 
 /// An n-dimensional array: a reference-counted [`Storage`] and a [`Layout`] into it.
 ///
@@ -443,19 +441,87 @@ fn T_into<T: WithDType>(v: Vec<T>) -> CpuStorage {
 }
 
 /// Gathers the logical elements of `layout` from `src` into a new row-major vector.
+///
+/// Size-1 dims are dropped and dims that are contiguous with each other merged first. Then, if
+/// the innermost dim has stride 1, runs are copied with `extend_from_slice`; otherwise the last
+/// two dims are copied in 32×32 tiles (a blocked transpose, so both sides stay in cache). The
+/// outer dims are walked with an odometer, so no index list is ever materialised.
 pub fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
-    match layout.strided_blocks() {
-        StridedBlocks::Single { start, len } => src[start..start + len].to_vec(),
-        StridedBlocks::Multiple { starts, block_len } => {
-            let mut out = Vec::with_capacity(layout.elem_count());
-            if block_len == 1 {
-                out.extend(starts.iter().map(|&i| src[i]));
-            } else {
-                for s in starts {
-                    out.extend_from_slice(&src[s..s + block_len]);
+    let n = layout.elem_count();
+    if n == 0 {
+        return Vec::new();
+    }
+    if let Some(r) = layout.contiguous_range() {
+        return src[r].to_vec();
+    }
+    // Simplify: drop size-1 dims, merge (outer, inner) pairs with stride_o == stride_i * dim_i.
+    let mut dims: Vec<usize> = Vec::new();
+    let mut strides: Vec<usize> = Vec::new();
+    for (&d, &st) in layout.dims().iter().zip(layout.strides()) {
+        if d == 1 {
+            continue;
+        }
+        match (dims.last_mut(), strides.last_mut()) {
+            (Some(pd), Some(ps)) if *ps == st * d => {
+                *pd *= d;
+                *ps = st;
+            }
+            _ => {
+                dims.push(d);
+                strides.push(st);
+            }
+        }
+    }
+    let rank = dims.len();
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    let base = layout.offset();
+    if rank == 1 {
+        out.extend((0..dims[0]).map(|i| src[base + i * strides[0]]));
+        return out;
+    }
+    // The dims handled per outer index: one (a unit-stride run) or two (a tiled transpose).
+    let inner = if strides[rank - 1] == 1 { 1 } else { 2 };
+    let outer_rank = rank - inner;
+    let mut counter = vec![0usize; outer_rank];
+    let mut off = base;
+    loop {
+        if inner == 1 {
+            out.extend_from_slice(&src[off..off + dims[rank - 1]]);
+        } else {
+            let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
+            let (rs, cs) = (strides[rank - 2], strides[rank - 1]);
+            let start = out.len();
+            // Fill the (rows × cols) block tile by tile; `out` is written through a slice of the
+            // spare capacity, which every (r, c) pair initialises exactly once.
+            let block = &mut out.spare_capacity_mut()[..rows * cols];
+            const TILE: usize = 32;
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..cols).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        let row = off + r * rs;
+                        for c in c0..(c0 + TILE).min(cols) {
+                            block[r * cols + c].write(src[row + c * cs]);
+                        }
+                    }
                 }
             }
-            out
+            // SAFETY: the loops above wrote all rows * cols elements after `start`.
+            unsafe { out.set_len(start + rows * cols) };
+        }
+        // Advance the odometer over the outer dims.
+        let mut d = outer_rank;
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            counter[d] += 1;
+            off += strides[d];
+            if counter[d] < dims[d] {
+                break;
+            }
+            off -= counter[d] * strides[d];
+            counter[d] = 0;
         }
     }
 }

@@ -99,6 +99,34 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// The fast strided gather (`contiguous`) equals the element-by-element walk of the layout,
+    /// for permuted, narrowed and broadcast views together.
+    #[test]
+    fn gather_equals_strided_walk(dims in shape_strategy(), seed in any::<u64>(), lead in 1usize..3) {
+        let t = arange(&dims);
+        let mut rng = moeba_tensor::Rng::new(seed);
+        let mut full = vec![lead];
+        full.extend(&dims);
+        let mut v = t.broadcast_as(full).unwrap();
+        let d = rng.below(v.rank() as u64) as usize;
+        let size = v.dims()[d];
+        let start = rng.below(size as u64) as usize;
+        let len = 1 + rng.below((size - start) as u64) as usize;
+        v = v.narrow(d, start, len).unwrap();
+        let mut perm: Vec<usize> = (0..v.rank()).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        v = v.permute(&perm).unwrap();
+        let src = t.to_vec::<f64>().unwrap();
+        let walked: Vec<f64> = v.layout().strided_index().map(|i| src[i]).collect();
+        prop_assert_eq!(v.contiguous().unwrap().to_vec::<f64>().unwrap(), walked);
+    }
+}
+
 #[test]
 fn constructors() {
     let z = Tensor::zeros((2, 3), DType::F32, &CPU).unwrap();
