@@ -293,7 +293,7 @@ pub fn tanh(x: &Tensor) -> Result<Tensor> {
 
 /// Reduces `x` over `dims` (any subset, in any order; empty = no-op copy). With `keepdim` the
 /// reduced dims stay as size 1, otherwise they are removed. Sums accumulate in f64 for f64 input
-/// and in f32 with pairwise/blocked summation otherwise.
+/// and, for f32, in blocks of 128 summed in f32 whose totals are added in f64 (bf16/f16 as f32).
 pub fn reduce(x: &Tensor, dims: &[usize], keepdim: bool, op: ReduceOp) -> Result<Tensor> {
     check_float(op.name(), x)?;
     for &d in dims {
