@@ -498,7 +498,7 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() {
         return Ok(x.clone());
     }
-    dispatch!(x, x.contiguous(), crate::cuda::contiguous(x))
+    dispatch!(x, crate::cpu::copy::contiguous(x), crate::cuda::contiguous(x))
 }
 
 /// `x` converted to `dtype`, on any device.

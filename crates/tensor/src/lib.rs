@@ -35,4 +35,4 @@ pub use layout::{Layout, StridedBlocks, StridedIndex};
 pub use rng::Rng;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
-pub use tensor::{gather, Tensor};
+pub use tensor::{gather, gather_into, Tensor};

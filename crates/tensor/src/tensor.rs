@@ -440,19 +440,36 @@ fn T_into<T: WithDType>(v: Vec<T>) -> CpuStorage {
     T::into_cpu_storage(v)
 }
 
-/// Gathers the logical elements of `layout` from `src` into a new row-major vector.
-///
-/// Size-1 dims are dropped and dims that are contiguous with each other merged first. Then, if
-/// the innermost dim has stride 1, runs are copied with `extend_from_slice`; otherwise the last
-/// two dims are copied in 32×32 tiles (a blocked transpose, so both sides stay in cache). The
-/// outer dims are walked with an odometer, so no index list is ever materialised.
+/// Gathers the logical elements of `layout` from `src` into a new row-major vector
+/// (see [`gather_into`]).
 pub fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
     let n = layout.elem_count();
-    if n == 0 {
-        return Vec::new();
-    }
     if let Some(r) = layout.contiguous_range() {
         return src[r].to_vec();
+    }
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    gather_into(src, layout, &mut out.spare_capacity_mut()[..n]);
+    // SAFETY: gather_into initialises every one of the n elements.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Writes the logical elements of `layout` from `src`, row-major, into `out`, which must hold
+/// exactly `layout.elem_count()` elements (all of them are initialised). Kernels call it on
+/// pieces of a layout (e.g. `layout.narrow(0, ..)`) to copy in parallel.
+///
+/// Size-1 dims are dropped and dims that are contiguous with each other merged first. Then, if
+/// the innermost dim has stride 1, runs are copied whole; otherwise the last two dims are copied
+/// in 32×32 tiles (a blocked transpose, so both sides stay in cache). The outer dims are walked
+/// with an odometer, so no index list is ever materialised.
+///
+/// # Panics
+/// If `out.len()` is not `layout.elem_count()`, or the layout reaches past `src`.
+pub fn gather_into<T: Copy>(src: &[T], layout: &Layout, out: &mut [std::mem::MaybeUninit<T>]) {
+    let n = layout.elem_count();
+    assert_eq!(out.len(), n, "gather_into: output holds {} elements, the layout {n}", out.len());
+    if n == 0 {
+        return;
     }
     // Simplify: drop size-1 dims, merge (outer, inner) pairs with stride_o == stride_i * dim_i.
     let mut dims: Vec<usize> = Vec::new();
@@ -472,28 +489,35 @@ pub fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
             }
         }
     }
-    let rank = dims.len();
-    let mut out: Vec<T> = Vec::with_capacity(n);
     let base = layout.offset();
+    if dims.is_empty() {
+        out[0].write(src[base]);
+        return;
+    }
+    let rank = dims.len();
     if rank == 1 {
-        out.extend((0..dims[0]).map(|i| src[base + i * strides[0]]));
-        return out;
+        for (i, o) in out.iter_mut().enumerate() {
+            o.write(src[base + i * strides[0]]);
+        }
+        return;
     }
     // The dims handled per outer index: one (a unit-stride run) or two (a tiled transpose).
     let inner = if strides[rank - 1] == 1 { 1 } else { 2 };
     let outer_rank = rank - inner;
     let mut counter = vec![0usize; outer_rank];
     let mut off = base;
+    let mut pos = 0;
     loop {
         if inner == 1 {
-            out.extend_from_slice(&src[off..off + dims[rank - 1]]);
+            let len = dims[rank - 1];
+            for (o, &v) in out[pos..pos + len].iter_mut().zip(&src[off..off + len]) {
+                o.write(v);
+            }
+            pos += len;
         } else {
             let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
             let (rs, cs) = (strides[rank - 2], strides[rank - 1]);
-            let start = out.len();
-            // Fill the (rows × cols) block tile by tile; `out` is written through a slice of the
-            // spare capacity, which every (r, c) pair initialises exactly once.
-            let block = &mut out.spare_capacity_mut()[..rows * cols];
+            let block = &mut out[pos..pos + rows * cols];
             const TILE: usize = 32;
             for r0 in (0..rows).step_by(TILE) {
                 for c0 in (0..cols).step_by(TILE) {
@@ -505,14 +529,13 @@ pub fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
                     }
                 }
             }
-            // SAFETY: the loops above wrote all rows * cols elements after `start`.
-            unsafe { out.set_len(start + rows * cols) };
+            pos += rows * cols;
         }
         // Advance the odometer over the outer dims.
         let mut d = outer_rank;
         loop {
             if d == 0 {
-                return out;
+                return;
             }
             d -= 1;
             counter[d] += 1;

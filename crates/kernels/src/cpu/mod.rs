@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod concat;
+pub mod copy;
 pub mod index;
 pub mod loss;
 pub mod matmul;
