@@ -383,7 +383,7 @@ impl Tensor {
         if range.start == 0 && range.end == s.len() {
             return Ok(s.clone());
         }
-        Ok(crate::map_cpu_storage!(s, v => T_into(v[range].to_vec())))
+        Ok(crate::map_cpu_storage!(s, v => into_storage(v[range].to_vec())))
     }
 
     /// The elements as a contiguous host slice of `T`, borrowed when the tensor is already a
@@ -435,8 +435,8 @@ impl Tensor {
     }
 }
 
-#[allow(non_snake_case)]
-fn T_into<T: WithDType>(v: Vec<T>) -> CpuStorage {
+/// Wraps a typed vector into the matching `CpuStorage` variant.
+fn into_storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
     T::into_cpu_storage(v)
 }
 
@@ -550,7 +550,7 @@ pub fn gather_into<T: Copy>(src: &[T], layout: &Layout, out: &mut [std::mem::May
 }
 
 fn map_strided(s: &CpuStorage, layout: &Layout) -> CpuStorage {
-    crate::map_cpu_storage!(s, v => T_into(gather(v, layout)))
+    crate::map_cpu_storage!(s, v => into_storage(gather(v, layout)))
 }
 
 impl std::fmt::Debug for Tensor {
