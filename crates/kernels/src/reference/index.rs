@@ -6,20 +6,7 @@
 
 use moeba_tensor::{DType, Device, Error, Result, Shape, Tensor};
 
-/// Row-major multi-index of flat index `i` in `dims`.
-fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {
-    let mut idx = vec![0; dims.len()];
-    for d in (0..dims.len()).rev() {
-        idx[d] = i % dims[d];
-        i /= dims[d];
-    }
-    idx
-}
-
-/// Flat row-major index of multi-index `idx` in `dims`.
-fn ravel(idx: &[usize], dims: &[usize]) -> usize {
-    idx.iter().zip(dims).fold(0, |acc, (&i, &d)| acc * d + i)
-}
+use super::{ravel, unravel};
 
 /// An index value checked against `size`.
 fn checked(op: &'static str, v: f64, size: usize) -> Result<usize> {

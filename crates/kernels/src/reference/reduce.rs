@@ -8,20 +8,8 @@
 use moeba_tensor::{CpuStorage, Device, Error, Result, Shape, Tensor};
 
 use super::elementwise::{max_nan, min_nan};
+use super::{ravel, unravel};
 use crate::ops::ReduceOp;
-
-fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {
-    let mut idx = vec![0; dims.len()];
-    for d in (0..dims.len()).rev() {
-        idx[d] = i % dims[d];
-        i /= dims[d];
-    }
-    idx
-}
-
-fn ravel(idx: &[usize], dims: &[usize]) -> usize {
-    idx.iter().zip(dims).fold(0, |acc, (&i, &d)| acc * d + i)
-}
 
 fn check(op: &'static str, x: &Tensor, dims: &[usize]) -> Result<()> {
     if !x.dtype().is_float() {
