@@ -31,6 +31,7 @@
 
 mod backward;
 mod custom;
+pub mod fused;
 mod grad_mode;
 pub mod gradcheck;
 mod op_kind;

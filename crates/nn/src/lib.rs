@@ -8,17 +8,23 @@
 //! May depend on moeba-tensor, moeba-kernels and moeba-autograd. Knows nothing of files or
 //! configs: it reads and writes safetensors payloads as bytes.
 
+pub mod attention;
 mod embedding;
 mod linear;
+pub mod mamba;
+pub mod mamba2;
+pub mod mla;
 mod mlp;
+pub mod moe;
 mod norm;
 mod params;
-pub mod safetensors_io;
 mod window_lm;
 
 pub use embedding::Embedding;
 pub use linear::Linear;
 pub use mlp::SwiGluMlp;
+/// Reading and writing safetensors payloads (re-exported from moeba-tensor).
+pub use moeba_tensor::safetensors_io;
 pub use norm::{rms_norm, RmsNorm};
 pub use params::{Init, Param, ParamPath, ParamStore};
 pub use window_lm::{WindowLm, WindowLmConfig};

@@ -20,6 +20,7 @@ mod dtype;
 mod error;
 mod layout;
 mod rng;
+pub mod safetensors_io;
 mod shape;
 mod storage;
 mod tensor;

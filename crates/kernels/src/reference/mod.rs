@@ -2,10 +2,15 @@
 //! over logical indices. Tests (and `cargo xtask bench`'s validation step) check the fast paths
 //! against them; they are never on a hot path.
 
+pub mod attention;
+pub mod conv1d;
 pub mod elementwise;
 pub mod index;
 pub mod matmul;
+pub mod moe;
 pub mod reduce;
+pub mod selective_scan;
+pub mod ssd;
 
 /// Row-major multi-index of flat index `i` in `dims`.
 fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {

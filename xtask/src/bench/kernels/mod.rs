@@ -4,11 +4,15 @@
 use anyhow::Result;
 use moeba_tensor::{DType, Device, Tensor};
 
+pub mod attention;
 pub mod copy;
 pub mod elementwise;
 pub mod matmul;
+pub mod moe;
 pub mod reduce;
+pub mod selective_scan;
 pub mod softmax;
+pub mod ssd;
 
 use super::harness::Kernel;
 

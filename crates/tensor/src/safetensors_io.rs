@@ -1,8 +1,9 @@
 //! Reading and writing safetensors payloads (bytes in memory; files are the trainer's business).
+//! Used for checkpoints and to read the test fixtures in every crate.
 
 use std::collections::HashMap;
 
-use moeba_tensor::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 fn to_st(dtype: DType) -> StDtype {

@@ -11,6 +11,18 @@
 
 use moeba_tensor::{DType, Device, Error, Result, Tensor};
 
+mod attention;
+mod conv1d;
+mod moe;
+mod selective_scan;
+mod ssd;
+
+pub use attention::*;
+pub use conv1d::*;
+pub use moe::*;
+pub use selective_scan::*;
+pub use ssd::*;
+
 /// Elementwise functions of one argument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UnaryOp {

@@ -1,0 +1,1 @@
+//! RoPE and causal attention on [`Var`](crate::Var)s.

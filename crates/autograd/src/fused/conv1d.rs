@@ -1,0 +1,1 @@
+//! Causal depthwise conv1d on [`Var`](crate::Var)s.

@@ -1,0 +1,1 @@
+//! Top-k gating, token permutation and grouped expert GEMM on [`Var`](crate::Var)s.

@@ -1,0 +1,1 @@
+//! The selective scan on [`Var`](crate::Var)s.

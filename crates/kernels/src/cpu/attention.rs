@@ -1,0 +1,1 @@
+//! CPU RoPE and memory-efficient (tiled online-softmax) causal attention.

@@ -1,0 +1,1 @@
+//! CPU causal depthwise conv1d.

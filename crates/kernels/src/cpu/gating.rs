@@ -1,0 +1,1 @@
+//! CPU fused top-k gating.

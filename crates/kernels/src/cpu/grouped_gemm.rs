@@ -1,0 +1,1 @@
+//! CPU grouped expert GEMM.

@@ -1,0 +1,1 @@
+//! CPU token permutation for MoE (counting sort by expert, weighted un-permute).

@@ -1,0 +1,1 @@
+//! CPU fused selective scan (S6).

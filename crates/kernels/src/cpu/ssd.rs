@@ -1,0 +1,1 @@
+//! CPU chunked SSD (Mamba-2).

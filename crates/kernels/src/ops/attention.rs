@@ -1,0 +1,1 @@
+//! Attention ops: RoPE and causal (GQA, sliding-window) attention, forward and backward.

@@ -1,0 +1,1 @@
+//! Mixture-of-Experts ops: top-k gating, token permutation, grouped expert GEMM.

@@ -1,0 +1,1 @@
+//! The Mamba-1 selective scan (S6): forward and backward.

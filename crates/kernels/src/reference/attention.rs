@@ -1,0 +1,1 @@
+//! Plain RoPE and materialised causal attention.

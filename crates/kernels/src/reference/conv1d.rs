@@ -1,0 +1,1 @@
+//! Plain causal depthwise conv1d.

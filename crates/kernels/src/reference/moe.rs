@@ -1,0 +1,1 @@
+//! Plain top-k gating, permutation and per-expert GEMM.

@@ -1,0 +1,1 @@
+//! Plain sequential SSD recurrence (Mamba-2).

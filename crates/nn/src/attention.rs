@@ -1,0 +1,1 @@
+//! The GQA attention layer with RoPE, and its KV cache.

@@ -1,0 +1,1 @@
+//! The Mamba-1 block and its inference cache.

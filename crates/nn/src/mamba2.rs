@@ -1,0 +1,1 @@
+//! The Mamba-2 block and its inference cache.

@@ -1,0 +1,1 @@
+//! The Mixture-of-Experts layer, its routing strategies, losses and monitoring.

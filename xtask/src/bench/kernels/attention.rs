@@ -1,0 +1,1 @@
+//! RoPE and causal GQA attention (forward, forward+backward), MLA vs GQA decode.

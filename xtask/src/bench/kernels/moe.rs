@@ -1,0 +1,1 @@
+//! Top-k gating, grouped expert GEMM against a dense GEMM of equal FLOPs, the MoE layer.

@@ -1,0 +1,1 @@
+//! The Mamba-2 SSD scan and block.
