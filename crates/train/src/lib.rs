@@ -6,6 +6,7 @@
 //! May depend on every crate below it (nn, autograd, kernels, tensor).
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod optim;
 pub mod schedule;
