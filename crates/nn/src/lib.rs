@@ -10,6 +10,7 @@
 
 pub mod attention;
 mod embedding;
+pub mod kv_cache;
 mod linear;
 pub mod mamba;
 pub mod mamba2;
@@ -20,6 +21,7 @@ mod norm;
 mod params;
 mod window_lm;
 
+pub use attention::{Attention, AttentionConfig, KvCache, RopeConfig};
 pub use embedding::Embedding;
 pub use linear::Linear;
 pub use mlp::SwiGluMlp;
