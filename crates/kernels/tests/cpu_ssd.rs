@@ -467,7 +467,10 @@ fn bad_arguments_are_errors_naming_them() {
         seq_idx: None,
         chunk_size: chunk,
     };
-    let msg = |r: Result<ops::SsdOutput>| r.err().expect("expected an error").to_string();
+    let msg = |r: Result<ops::SsdOutput>| match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    };
     assert!(msg(ops::ssd(&mk(&x, &dt, &b, &b, 4))).contains("groups"));
     assert!(msg(ops::ssd(&mk(&x, &dt, &b1, &b, 4))).contains("`c`"));
     assert!(msg(ops::ssd(&mk(&x, &bad_dt, &b1, &b1, 4))).contains("`dt`"));

@@ -120,7 +120,7 @@ impl AttentionConfig {
                 return Err(Error::invalid(OP, key, "must be > 0"));
             }
         }
-        if self.num_heads % self.kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.kv_heads) {
             return Err(Error::invalid(
                 OP,
                 "num_heads",
@@ -133,7 +133,7 @@ impl AttentionConfig {
         }
         if let Some(r) = &self.rope {
             r.validate(OP)?;
-            if self.head_dim % 2 != 0 {
+            if !self.head_dim.is_multiple_of(2) {
                 return Err(Error::invalid(
                     OP,
                     "head_dim",

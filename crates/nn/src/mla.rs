@@ -83,7 +83,7 @@ impl MlaConfig {
         if self.q_latent_dim == Some(0) {
             return Err(Error::invalid(OP, "q_latent_dim", "must be > 0 (or None for a plain q_proj)"));
         }
-        if self.d_rope % 2 != 0 {
+        if !self.d_rope.is_multiple_of(2) {
             return Err(Error::invalid(
                 OP,
                 "d_rope",

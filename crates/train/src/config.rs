@@ -526,7 +526,7 @@ impl ModelConfig {
             if self.num_heads == 0 {
                 return Err(invalid("model.num_heads", "must be > 0"));
             }
-            if self.head_dim.is_none() && self.hidden_size % self.num_heads != 0 {
+            if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_heads) {
                 return Err(invalid(
                     "model.hidden_size",
                     format!(
@@ -537,7 +537,7 @@ impl ModelConfig {
             }
         }
         if uses(MixerKind::Attention) {
-            if self.kv_heads == 0 || self.num_heads % self.kv_heads != 0 {
+            if self.kv_heads == 0 || !self.num_heads.is_multiple_of(self.kv_heads) {
                 return Err(invalid(
                     "model.kv_heads",
                     format!(
@@ -546,7 +546,7 @@ impl ModelConfig {
                     ),
                 ));
             }
-            if self.rope && self.head_dim() % 2 != 0 {
+            if self.rope && !self.head_dim().is_multiple_of(2) {
                 return Err(invalid(
                     "model.head_dim",
                     format!("{} is odd; RoPE needs an even head_dim", self.head_dim()),
@@ -560,7 +560,7 @@ impl ModelConfig {
             if self.kv_latent_dim == 0 {
                 return Err(invalid("model.kv_latent_dim", "must be > 0 for MLA layers"));
             }
-            if self.d_rope == 0 || self.d_rope % 2 != 0 {
+            if self.d_rope == 0 || !self.d_rope.is_multiple_of(2) {
                 return Err(invalid("model.d_rope", format!("must be even and > 0, got {}", self.d_rope)));
             }
             if self.q_latent_dim == Some(0) {
@@ -601,7 +601,7 @@ impl ModelConfig {
                     ),
                 ));
             }
-            if self.n_groups == 0 || self.mamba2_num_heads() % self.n_groups != 0 {
+            if self.n_groups == 0 || !self.mamba2_num_heads().is_multiple_of(self.n_groups) {
                 return Err(invalid(
                     "model.n_groups",
                     format!(
@@ -654,7 +654,7 @@ impl ModelConfig {
                 ));
             }
             if r.strategy == RoutingStrategyKind::Hierarchical
-                && (r.num_groups < 2 || self.num_experts % r.num_groups != 0)
+                && (r.num_groups < 2 || !self.num_experts.is_multiple_of(r.num_groups))
             {
                 return Err(invalid(
                     "model.routing.num_groups",

@@ -26,6 +26,13 @@ pub fn all() -> Vec<Box<dyn Kernel>> {
         Box::new(softmax::Softmax),
         Box::new(reduce::Sum),
         Box::new(copy::Copy),
+        Box::new(attention::Attention),
+        Box::new(attention::AttentionDecode::default()),
+        Box::new(selective_scan::SelectiveScan),
+        Box::new(ssd::Ssd),
+        Box::new(moe::MoeGating),
+        Box::new(moe::GroupedGemm),
+        Box::new(moe::MoeLayerBench::new()),
     ]
 }
 
