@@ -155,21 +155,7 @@ unsafe impl<V: Vf32> Lanes for W<V> {
     }
     #[inline(always)]
     unsafe fn decay(dt: Self, a_prep: Self) -> Self {
-        // 2^x with x = dt·A·log2e clamped to the normal range, x = k + f, |f| <= 1/2, and
-        // 2^f = e^(f ln2) by its Taylor polynomial of degree 6 (relative error < 1.2e-7).
-        unsafe {
-            let x = dt.0.mul(a_prep.0).max(V::splat(-126.0)).min(V::splat(126.0));
-            let k = x.round();
-            let f = x.sub(k);
-            let mut p = V::splat(1.540_353e-4);
-            p = p.fma(f, V::splat(1.333_355_8e-3));
-            p = p.fma(f, V::splat(9.618_129e-3));
-            p = p.fma(f, V::splat(5.550_411e-2));
-            p = p.fma(f, V::splat(0.240_226_5));
-            p = p.fma(f, V::splat(std::f32::consts::LN_2));
-            p = p.fma(f, V::splat(1.0));
-            W(p.mul(k.pow2i()))
-        }
+        W(unsafe { decay_v(dt.0, a_prep.0) })
     }
     #[inline(always)]
     unsafe fn softplus(self) -> Self {
@@ -200,6 +186,85 @@ unsafe impl<V: Vf32> Lanes for W<V> {
     unsafe fn sigmoid(self) -> Self {
         W(unsafe { simd::sigmoid(self.0) })
     }
+}
+
+/// `x` clamped to `[lo, hi]` lanewise, NaN propagating (as `V::max(lo).min(hi)`); two
+/// instructions on AVX2 instead of the blends the generic NaN-propagating max/min need.
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn clamp_v<V: Vf32>(x: V, lo: f32, hi: f32) -> V {
+    #[cfg(target_arch = "x86_64")]
+    if V::LANES == 8 && std::mem::size_of::<V>() == 32 {
+        use std::arch::x86_64::{__m256, _mm256_max_ps, _mm256_min_ps, _mm256_set1_ps};
+        // SAFETY: on x86_64 the only 8-lane `Vf32` is the AVX2 `__m256` newtype, used only on
+        // the AVX2 path. maxps/minps return their second operand when either is NaN: `x` goes
+        // second so that a NaN propagates.
+        unsafe {
+            let v: __m256 = std::mem::transmute_copy(&x);
+            let r = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v));
+            return std::mem::transmute_copy(&r);
+        }
+    }
+    unsafe { x.max(V::splat(lo)).min(V::splat(hi)) }
+}
+
+/// `exp(dt · A)` from `dt` and `A·log2e` (see [`Lanes::decay`]).
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn decay_v<V: Vf32>(dt: V, a_prep: V) -> V {
+    // 2^x with x = dt·A·log2e clamped to the normal range, x = k + f, |f| <= 1/2, and
+    // 2^f = e^(f ln2) by its Taylor polynomial of degree 6 (relative error < 1.2e-7).
+    unsafe {
+        let x = clamp_v(dt.mul(a_prep), -126.0, 126.0);
+        let k = x.round();
+        let f = x.sub(k);
+        let mut p = V::splat(1.540_353e-4);
+        p = p.fma(f, V::splat(1.333_355_8e-3));
+        p = p.fma(f, V::splat(9.618_129e-3));
+        p = p.fma(f, V::splat(5.550_411e-2));
+        p = p.fma(f, V::splat(0.240_226_5));
+        p = p.fma(f, V::splat(std::f32::consts::LN_2));
+        p = p.fma(f, V::splat(1.0));
+        p.mul(k.pow2i())
+    }
+}
+
+/// [`decay_v`] for finite `dt · A` (a NaN does not propagate): on AVX2 the scaling by 2^k is an
+/// integer add to the exponent bits (the same value unless it is below 2^-126).
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn decay_fast<V: Vf32>(dt: V, a_prep: V) -> V {
+    #[cfg(target_arch = "x86_64")]
+    if V::LANES == 8 && std::mem::size_of::<V>() == 32 {
+        use std::arch::x86_64::*;
+        // SAFETY: as in `clamp_v`. The same polynomial; k = round(x) (nearest even) by adding
+        // 1.5·2^23, whose low mantissa bits are then k, shifted into the exponent field and added
+        // to the bits of 2^f (the product with 2^k, exact unless it is below 2^-126).
+        unsafe {
+            let magic = _mm256_set1_ps(12_582_912.0);
+            let x: __m256 = std::mem::transmute_copy(&clamp_v(dt.mul(a_prep), -126.0, 126.0));
+            let t = _mm256_add_ps(x, magic);
+            let f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
+            let c = |v: f32| _mm256_set1_ps(v);
+            let mut p = c(1.540_353e-4);
+            p = _mm256_fmadd_ps(p, f, c(1.333_355_8e-3));
+            p = _mm256_fmadd_ps(p, f, c(9.618_129e-3));
+            p = _mm256_fmadd_ps(p, f, c(5.550_411e-2));
+            p = _mm256_fmadd_ps(p, f, c(0.240_226_5));
+            p = _mm256_fmadd_ps(p, f, c(std::f32::consts::LN_2));
+            p = _mm256_fmadd_ps(p, f, c(1.0));
+            let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+            let r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+            return std::mem::transmute_copy(&r);
+        }
+    }
+    unsafe { decay_v(dt, a_prep) }
 }
 
 unsafe impl Lanes for f64 {
@@ -293,6 +358,8 @@ pub(crate) struct Ctx<S> {
     a_prep: Vec<S>,
     /// `(d, n)` contiguous.
     a: Vec<S>,
+    /// Whether every `A` is finite (then `dt · A` is, for finite `delta`).
+    a_finite: bool,
     dskip: Option<Vec<S>>,
     bias: Option<Vec<S>>,
     softplus: bool,
@@ -542,6 +609,150 @@ unsafe fn forward_task<L: Lanes>(cx: &Ctx<L::S>, tk: &Task, c0: usize, nb: usize
     }
 }
 
+/// The forward of `nb` whole vectors of channels from `c0` (f32, `n == N` states): as
+/// [`forward_task`], bit for bit, with the state of a vector in a `[V; N]` (registers), and per
+/// chunk a vectorised pre-pass (`dt = softplus(delta + bias)`, `dt·u`) and post-pass (D skip,
+/// silu(z) gate) around the recurrence. Returns whether every delta was finite.
+#[inline(always)]
+unsafe fn forward_fast<V: Vf32, const N: usize>(cx: &Ctx<f32>, tk: &Task, c0: usize, nb: usize) -> bool {
+    unsafe {
+        let ScanDims { dim: d, len: l, .. } = cx.dims;
+        let nch = l.div_ceil(CHUNK);
+        let (bi, lanes) = (tk.bi, V::LANES);
+        let zero = V::splat(0.0);
+        let chan = |blk: usize| c0 + blk * lanes;
+        let mut a2: Vec<[V; N]> = Vec::with_capacity(nb);
+        let mut h: Vec<[V; N]> = Vec::with_capacity(nb);
+        let mut dvec = Vec::with_capacity(nb);
+        let mut bvec = Vec::with_capacity(nb);
+        for blk in 0..nb {
+            let c = chan(blk);
+            let (mut av, mut hv) = ([zero; N], [zero; N]);
+            for i in 0..N {
+                av[i] = W::<V>::gather(cx.a_prep.as_ptr().add(c * N + i), N).0;
+                if let Some(h0) = &cx.h0 {
+                    hv[i] = W::<V>::gather(h0.at(bi, c, i, 0), h0.st[1]).0;
+                }
+            }
+            a2.push(av);
+            h.push(hv);
+            dvec.push(cx.dskip.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
+            bvec.push(cx.bias.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
+        }
+        let mut fin = zero;
+        let mut bt = vec![0f32; CHUNK * N];
+        let mut ct = vec![0f32; CHUNK * N];
+        let w = nb * lanes;
+        let mut tu = vec![0f32; CHUNK * w];
+        let mut tdl = vec![0f32; CHUNK * w];
+        let mut tz = vec![0f32; if cx.z.is_some() { CHUNK * w } else { 0 }];
+        let mut to = vec![0f32; CHUNK * w];
+        let mut dts = [zero; CHUNK];
+        let mut dtus = [zero; CHUNK];
+        for k in 0..nch {
+            let (t0, t1) = (k * CHUNK, ((k + 1) * CHUNK).min(l));
+            let tn = t1 - t0;
+            for i in 0..N {
+                let (pb, pc) = (cx.bm.at(bi, tk.grp, i, t0), cx.cm.at(bi, tk.grp, i, t0));
+                let (sb, sc) = (cx.bm.st[3], cx.cm.st[3]);
+                for tl in 0..tn {
+                    bt[tl * N + i] = *pb.add(tl * sb);
+                    ct[tl * N + i] = *pc.add(tl * sc);
+                }
+            }
+            stage(&cx.u, bi, c0, w, t0, tn, &mut tu);
+            stage(&cx.delta, bi, c0, w, t0, tn, &mut tdl);
+            if let Some(z) = &cx.z {
+                stage(z, bi, c0, w, t0, tn, &mut tz);
+            }
+            for blk in 0..nb {
+                let c = chan(blk);
+                let off = blk * lanes;
+                // Pre-pass: dt and dt·u of the chunk.
+                let bias = bvec[blk];
+                for tl in 0..tn {
+                    let at = tl * w + off;
+                    let raw = V::load(tdl.as_ptr().add(at)).add(bias);
+                    fin = fin.add(raw.sub(raw));
+                    let dt = if cx.softplus { W(raw).softplus().0 } else { raw };
+                    *dts.get_unchecked_mut(tl) = dt;
+                    *dtus.get_unchecked_mut(tl) = dt.mul(V::load(tu.as_ptr().add(at)));
+                }
+                let mut hb = h[blk];
+                let ab = a2[blk];
+                for (i, hi) in hb.iter().enumerate() {
+                    hi.store(cx.chunks.0.add(((bi * nch + k) * N + i) * d + c));
+                }
+                let (bp, cp, op) = (bt.as_ptr(), ct.as_ptr(), to.as_mut_ptr().add(off));
+                for tl in 0..tn {
+                    if cx.reset.is_some() && is_reset(cx, bi, t0 + tl) {
+                        hb = [zero; N];
+                    }
+                    let dt = *dts.get_unchecked(tl);
+                    let dtu = *dtus.get_unchecked(tl);
+                    let (br, cr) = (bp.add(tl * N), cp.add(tl * N));
+                    let mut y = zero;
+                    for i in 0..N {
+                        let da = decay_fast(dt, ab[i]);
+                        let hn = da.fma(hb[i], dtu.mul(V::splat(*br.add(i))));
+                        hb[i] = hn;
+                        y = hn.fma(V::splat(*cr.add(i)), y);
+                    }
+                    y.store(op.add(tl * w));
+                }
+                h[blk] = hb;
+                // Post-pass: D skip and the silu(z) gate.
+                if cx.dskip.is_some() || cx.z.is_some() {
+                    let dv = dvec[blk];
+                    for tl in 0..tn {
+                        let at = tl * w + off;
+                        let mut y = V::load(to.as_ptr().add(at));
+                        if cx.dskip.is_some() {
+                            y = V::load(tu.as_ptr().add(at)).fma(dv, y);
+                        }
+                        if cx.z.is_some() {
+                            let zz = V::load(tz.as_ptr().add(at));
+                            y = y.mul(zz.mul(simd::sigmoid(zz)));
+                        }
+                        y.store(to.as_mut_ptr().add(at));
+                    }
+                }
+            }
+            unstage(cx, cx.out, bi, c0, w, t0, tn, &to);
+        }
+        for (blk, hb) in h.iter().enumerate() {
+            let c = chan(blk);
+            for (i, &hi) in hb.iter().enumerate() {
+                W(hi).scatter(cx.state.0.add((bi * d + c) * N + i), N);
+            }
+        }
+        let f = W(fin).to_array();
+        f[..lanes].iter().all(|v| *v == 0.0)
+    }
+}
+
+/// [`forward_fast`] for the common state sizes and finite `A`, else [`forward_task`].
+#[inline(always)]
+unsafe fn forward_vectors<V: Vf32>(cx: &Ctx<f32>, tk: &Task, c0: usize, nb: usize) -> bool {
+    unsafe {
+        if !cx.a_finite {
+            return forward_task::<W<V>>(cx, tk, c0, nb);
+        }
+        match cx.dims.state {
+            1 => forward_fast::<V, 1>(cx, tk, c0, nb),
+            2 => forward_fast::<V, 2>(cx, tk, c0, nb),
+            3 => forward_fast::<V, 3>(cx, tk, c0, nb),
+            4 => forward_fast::<V, 4>(cx, tk, c0, nb),
+            5 => forward_fast::<V, 5>(cx, tk, c0, nb),
+            6 => forward_fast::<V, 6>(cx, tk, c0, nb),
+            7 => forward_fast::<V, 7>(cx, tk, c0, nb),
+            8 => forward_fast::<V, 8>(cx, tk, c0, nb),
+            16 => forward_fast::<V, 16>(cx, tk, c0, nb),
+            _ => forward_task::<W<V>>(cx, tk, c0, nb),
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------ backward
 
 /// The backward of one task; returns its dB and dC partial sums, `(l, n)` each.
@@ -750,8 +961,8 @@ impl Kernel for FwdK<'_> {
         let full = (tk.c1 - tk.c0) / w;
         let rest = tk.c0 + full * w;
         unsafe {
-            let a = full == 0 || forward_task::<W<V>>(self.cx, tk, tk.c0, full);
-            let b = rest == tk.c1 || forward_task::<W<f32>>(self.cx, tk, rest, tk.c1 - rest);
+            let a = full == 0 || forward_vectors::<V>(self.cx, tk, tk.c0, full);
+            let b = rest == tk.c1 || forward_vectors::<f32>(self.cx, tk, rest, tk.c1 - rest);
             a && b
         }
     }
@@ -865,6 +1076,7 @@ fn context<S: ScanFloat>(
         cm: arr(args.c, keep)?,
         h0: args.initial_state.map(|t| arr(t, keep)).transpose()?,
         a_prep: a.iter().map(|&v| prep::<S>(v)).collect(),
+        a_finite: a.iter().all(|v| v.is_finite()),
         a,
         dskip: args.d.map(vec_of::<S>).transpose()?,
         bias: args.delta_bias.map(vec_of::<S>).transpose()?,
