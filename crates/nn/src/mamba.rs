@@ -139,11 +139,6 @@ pub struct MambaBlock {
     cfg: MambaConfig,
 }
 
-/// Whether `path.name` is new (so its paper initialisation should be applied).
-fn is_new(path: &ParamPath, name: &str) -> bool {
-    path.store().get(&path.name(name)).is_none()
-}
-
 impl MambaBlock {
     /// Creates (or finds) the block's parameters under `path`, initialised as the paper does:
     /// `A_log[c, i] = ln(i + 1)`, `D = 1`, `dt_proj.bias = softplus⁻¹(dt)` with `dt` log-uniform
@@ -161,7 +156,7 @@ impl MambaBlock {
             if cfg.conv_bias { Some(conv.get("bias", di, Init::Uniform { bound: cb })?) } else { None };
         let x_proj = Linear::new(&path.pp("x_proj"), di, r + 2 * n, false)?;
         let dtp = path.pp("dt_proj");
-        let fresh_bias = is_new(&dtp, "bias");
+        let fresh_bias = !dtp.contains("bias");
         // Created first as U(-1/2, 1/2) from its own per-name seed (Linear then finds it), and
         // mapped to log-uniform dt below.
         let bias = dtp.get("bias", di, Init::Uniform { bound: 0.5 })?;
@@ -178,7 +173,7 @@ impl MambaBlock {
                 .collect();
             bias.set(Tensor::from_vec(v, di, &dev)?.to_dtype(dtype)?)?;
         }
-        let fresh_a = is_new(path, "A_log");
+        let fresh_a = !path.contains("A_log");
         let a_log = path.get("A_log", (di, n), Init::Zeros)?;
         if fresh_a {
             let v: Vec<f64> = (0..di).flat_map(|_| (1..=n).map(|i| (i as f64).ln())).collect();

@@ -173,7 +173,7 @@ fn param_init(
     init: Init,
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Param> {
-    let fresh = path.store().get(&path.name(name)).is_none();
+    let fresh = !path.contains(name);
     let p = path.get(name, shape, init)?;
     if fresh {
         let t = p.tensor();

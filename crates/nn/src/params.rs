@@ -215,6 +215,12 @@ impl<'a> ParamPath<'a> {
         ParamPath { store: self.store, prefix }
     }
 
+    /// Whether the store already holds `name` under this path (a layer applies its own
+    /// initialisation only to parameters it creates, never to loaded ones).
+    pub fn contains(&self, name: &str) -> bool {
+        self.store().get(&self.name(name)).is_some()
+    }
+
     /// The full name of `name` under this path.
     pub fn name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
