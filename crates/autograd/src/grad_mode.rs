@@ -40,6 +40,14 @@ pub fn no_grad() -> NoGradGuard {
     NoGradGuard { prev, _not_send: std::marker::PhantomData }
 }
 
+/// Turns recording on for this thread until the returned guard is dropped (the opposite of
+/// [`no_grad`]; used by [`checkpoint`](crate::checkpoint)'s recompute, which the engine may run
+/// inside a no-grad scope).
+pub(crate) fn enable_grad() -> NoGradGuard {
+    let prev = GRAD_ENABLED.with(|g| g.replace(true));
+    NoGradGuard { prev, _not_send: std::marker::PhantomData }
+}
+
 impl Drop for NoGradGuard {
     fn drop(&mut self) {
         GRAD_ENABLED.with(|g| g.set(self.prev));
