@@ -1,10 +1,13 @@
 //! The backward pass: topological order, reverse sweep, gradient accumulation, [`Grads`].
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use moeba_kernels::ops;
-use moeba_tensor::{Error, Result, Tensor};
+use moeba_kernels::cpu::{par, simd};
+use moeba_kernels::ops::{self, BinaryOp};
+use moeba_tensor::{CpuStorage, DType, Device, Error, Layout, Result, Storage, Tensor};
 
 use crate::custom::no_backward_error;
 use crate::var::{Node, Rule, Var, VarId};
@@ -125,7 +128,11 @@ impl Var {
                 continue;
             }
             let need: Vec<bool> = node.inputs.iter().map(Var::requires_grad).collect();
+            let started = profiling().then(Instant::now);
             let grad_inputs = run_rule(node, &grad_outputs, &need)?;
+            if let Some(t0) = started {
+                record_profile(node.name, t0.elapsed());
+            }
             if grad_inputs.len() != node.inputs.len() {
                 return Err(Error::Msg(format!(
                     "backward of {}: returned {} gradients for {} inputs",
@@ -148,21 +155,108 @@ impl Var {
                     )));
                 }
                 let map = if input.is_leaf() { &mut leaves } else { &mut pending };
+                let started = profiling().then(Instant::now);
+                let added = map.contains_key(&input.id());
                 accumulate(map, input.id(), g)?;
+                if let (Some(t0), true) = (started, added) {
+                    record_profile("(gradient accumulation)", t0.elapsed());
+                }
             }
         }
         finish(leaves)
     }
 }
 
+static PROFILING: AtomicBool = AtomicBool::new(false);
+static PROFILE: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
+
+fn profiling() -> bool {
+    PROFILING.load(Ordering::Relaxed)
+}
+
+fn record_profile(name: &'static str, dt: Duration) {
+    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+    let e = p.entry(name).or_insert((Duration::ZERO, 0));
+    e.0 += dt;
+    e.1 += 1;
+}
+
+/// Turns the backward profiler on or off (process-wide; off by default). While on, every
+/// backward rule run by [`Var::backward_with`] is timed under its op's name, and the additions of
+/// gradients of variables used more than once under `(gradient accumulation)`. For profiling
+/// harnesses; the cost is two clock reads per node.
+pub fn set_backward_profiling(on: bool) {
+    PROFILING.store(on, Ordering::Relaxed);
+}
+
+/// The backward time per op name collected since the last call (total time, number of calls),
+/// slowest first; clears the record.
+pub fn take_backward_profile() -> Vec<(&'static str, Duration, u64)> {
+    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<_> = std::mem::take(&mut *p).into_iter().map(|(k, (d, n))| (k, d, n)).collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
+    v
+}
+
 /// Adds `g` to the gradient held for `id` (the variable was used more than once).
 fn accumulate(map: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Result<()> {
     let sum = match map.remove(&id) {
-        Some(prev) => ops::add(&prev, &g)?,
+        Some(prev) => add_into(prev, &g)?,
         None => g,
     };
     map.insert(id, sum);
     Ok(())
+}
+
+/// `prev + g` (same shape and dtype, checked by the caller). When `prev` is a contiguous f32/f64
+/// CPU tensor that owns its whole buffer alone (typically a gradient a backward rule just
+/// allocated) and `g` is contiguous, `g` is added into that buffer in place: no allocation and one
+/// pass fewer over memory. Otherwise (shared or strided `prev`, other dtypes and devices) this is
+/// [`ops::add`], the reference the tests compare it with.
+pub(crate) fn add_into(prev: Tensor, g: &Tensor) -> Result<Tensor> {
+    let n = prev.elem_count();
+    let eligible = prev.is_contiguous()
+        && prev.layout().offset() == 0
+        && g.is_contiguous()
+        && prev.shape() == g.shape()
+        && prev.dtype() == g.dtype()
+        && matches!(prev.dtype(), DType::F32 | DType::F64)
+        && matches!(prev.device(), Device::Cpu)
+        && matches!(g.device(), Device::Cpu)
+        && n > 0;
+    if !eligible {
+        return ops::add(&prev, g);
+    }
+    let shape = prev.shape().clone();
+    let arc = prev.storage_arc().clone();
+    drop(prev);
+    let storage = match Arc::try_unwrap(arc) {
+        Ok(Storage::Cpu(CpuStorage::F32(mut v))) if v.len() == n => {
+            let gd = g.cpu_data::<f32>()?;
+            par::for_each_chunk_mut(&mut v, |s, c| {
+                let len = c.len();
+                simd::binary_assign_f32(BinaryOp::Add, c, simd::Arg::Slice(&gd[s..s + len]))
+            });
+            CpuStorage::F32(v)
+        }
+        Ok(Storage::Cpu(CpuStorage::F64(mut v))) if v.len() == n => {
+            let gd = g.cpu_data::<f64>()?;
+            par::for_each_chunk_mut(&mut v, |s, c| {
+                let len = c.len();
+                c.iter_mut().zip(&gd[s..s + len]).for_each(|(a, &b)| *a += b)
+            });
+            CpuStorage::F64(v)
+        }
+        Ok(storage) => {
+            let prev = Tensor::from_storage(storage, Layout::contiguous(shape), Device::Cpu)?;
+            return ops::add(&prev, g);
+        }
+        Err(arc) => {
+            let prev = Tensor::from_arc_storage(arc, Layout::contiguous(shape), Device::Cpu)?;
+            return ops::add(&prev, g);
+        }
+    };
+    Tensor::from_cpu_storage(storage, shape)
 }
 
 fn finish(leaves: HashMap<VarId, Tensor>) -> Result<Grads> {

@@ -30,6 +30,7 @@
 //! May depend on moeba-tensor and moeba-kernels only.
 
 mod backward;
+pub mod checkpoint;
 mod custom;
 pub mod fused;
 mod grad_mode;
@@ -39,7 +40,8 @@ mod ops;
 mod util;
 mod var;
 
-pub use backward::Grads;
+pub use backward::{set_backward_profiling, take_backward_profile, Grads};
+pub use checkpoint::checkpoint;
 pub use custom::{no_backward_error, CustomOp};
 pub use grad_mode::{is_grad_enabled, no_grad, with_no_grad, NoGradGuard};
 pub use gradcheck::{check_gradients, GradCheckOptions, GradCheckReport, InputReport};

@@ -26,11 +26,31 @@ use crate::ops::Conv1dGrads;
 pub(crate) trait ConvFloat: Float + WithDType + Send + Sync {
     /// `x = silu(x)` elementwise.
     fn silu_inplace(x: &mut [Self]);
+
+    /// `pre = g ⊙ silu'(pre)` elementwise (`g` as long as `pre`).
+    fn silu_grad_inplace(pre: &mut [Self], g: &[Self]) {
+        for (p, &gv) in pre.iter_mut().zip(g) {
+            *p = gv * silu_grad(*p);
+        }
+    }
 }
 
 impl ConvFloat for f32 {
     fn silu_inplace(x: &mut [f32]) {
         simd::map_inplace_f32(MapOp::Silu, x);
+    }
+
+    /// The sigmoid by the SIMD map, 256 values at a time, then the derivative in a plain loop
+    /// (the default method is the scalar reference; tests compare the two).
+    fn silu_grad_inplace(pre: &mut [f32], g: &[f32]) {
+        let mut sig = [0f32; 256];
+        for (p, gc) in pre.chunks_mut(256).zip(g.chunks(256)) {
+            let s = &mut sig[..p.len()];
+            simd::map_into_f32(MapOp::Sigmoid, p, s);
+            for ((x, &s), &gv) in p.iter_mut().zip(s.iter()).zip(gc) {
+                *x = gv * s * (1.0 + *x * (1.0 - s));
+            }
+        }
     }
 }
 
@@ -250,11 +270,7 @@ fn backward_typed<S: ConvFloat>(
     let g: Vec<S> = if silu {
         let mut pre = vec![S::zero(); b * d * l];
         conv_pre(&xv, &w, bv.as_deref(), &start, dm, &mut pre);
-        par::for_each_chunk_mut(&mut pre, |s, c| {
-            for (i, p) in c.iter_mut().enumerate() {
-                *p = gv[s + i] * silu_grad(*p);
-            }
-        });
+        par::for_each_chunk_mut(&mut pre, |s, c| S::silu_grad_inplace(c, &gv[s..s + c.len()]));
         pre
     } else {
         gv.into_owned()

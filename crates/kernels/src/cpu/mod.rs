@@ -11,6 +11,7 @@ pub mod grouped_gemm;
 pub mod index;
 pub mod loss;
 pub mod matmul;
+pub mod norm;
 pub mod par;
 pub mod permute;
 pub mod reduce;

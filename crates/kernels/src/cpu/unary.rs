@@ -222,6 +222,11 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: UnaryOp) -> Result<Tensor> {
     let shape = x.shape();
     let (lx, ld) = (x.layout(), dy.layout());
     let k32 = move |a: Arg<'_, f32>, b: Arg<'_, f32>, out: &mut [MaybeUninit<f32>]| {
+        if let (Arg::Slice(x), Arg::Slice(dy)) = (a, b) {
+            if grad_f32_simd(op, x, dy, out) {
+                return;
+            }
+        }
         zip_with(a, b, out, |x, dy| unary_grad(op, x, dy))
     };
     let storage = match (cpu_storage(name, x)?, cpu_storage(name, dy)?) {
@@ -243,6 +248,33 @@ pub fn unary_backward(x: &Tensor, dy: &Tensor, op: UnaryOp) -> Result<Tensor> {
         _ => return Err(float_only(name, x.dtype())),
     };
     Tensor::from_cpu_storage(storage, shape.clone())
+}
+
+/// `out = dy · op'(x)` for the f32 ops whose derivative needs a transcendental function
+/// (exp, sigmoid, silu, softplus): the SIMD map of [`simd`] computes `e^x` or `σ(x)` into `out`,
+/// then a plain loop (which the compiler vectorises) finishes the derivative in place. The scalar
+/// [`unary_grad`] stays the reference (tests compare both on every SIMD path). Returns false,
+/// writing nothing, for the other ops.
+fn grad_f32_simd(op: UnaryOp, x: &[f32], dy: &[f32], out: &mut [MaybeUninit<f32>]) -> bool {
+    let pre = match op {
+        UnaryOp::Exp => MapOp::Exp,
+        UnaryOp::Silu | UnaryOp::Sigmoid | UnaryOp::Softplus => MapOp::Sigmoid,
+        _ => return false,
+    };
+    let n = out.len();
+    let (x, dy) = (&x[..n], &dy[..n]);
+    simd::map_f32(pre, x, out);
+    // SAFETY: `map_f32` initialised every element of `out`; f32 has no invalid bit patterns.
+    let v: &mut [f32] = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    match op {
+        UnaryOp::Exp => v.iter_mut().zip(dy).for_each(|(e, &g)| *e *= g),
+        UnaryOp::Sigmoid => v.iter_mut().zip(dy).for_each(|(s, &g)| *s = g * *s * (1.0 - *s)),
+        UnaryOp::Silu => {
+            v.iter_mut().zip(x).zip(dy).for_each(|((s, &x), &g)| *s = g * *s * (1.0 + x * (1.0 - *s)))
+        }
+        _ => v.iter_mut().zip(x).zip(dy).for_each(|((s, &x), &g)| *s = if x > 20.0 { g } else { g * *s }),
+    }
+    true
 }
 
 /// See [`crate::ops::affine`].

@@ -254,6 +254,13 @@ fn pack_a(a: MatRef<'_>, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [
                     out[i] = rows[i][p];
                 }
             }
+        } else if a.rs == 1 && mr == MR {
+            // Column-major A (a transposed view, e.g. `xᵀ` in a weight gradient): the MR values
+            // of each step are contiguous.
+            let col = &a.data[base..base + (kc - 1) * a.cs + MR];
+            for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
+                out.copy_from_slice(&col[p * a.cs..p * a.cs + MR]);
+            }
         } else {
             for (p, out) in panel.chunks_exact_mut(MR).enumerate() {
                 let src = base + p * a.cs;
