@@ -16,7 +16,13 @@ pub struct Embedding {
 impl Embedding {
     /// Creates (or finds) `path.weight`.
     pub fn new(path: &ParamPath, vocab: usize, dim: usize) -> Result<Self> {
-        Ok(Embedding { weight: path.get("weight", (vocab, dim), Init::Normal { std: 1.0 })?, dim })
+        Self::with_std(path, vocab, dim, 1.0)
+    }
+
+    /// Creates (or finds) `path.weight`, initialised N(0, std²) (GPT-2 / HF `initializer_range`
+    /// 0.02 for an embedding shared with the LM head, so the first logits are near zero).
+    pub fn with_std(path: &ParamPath, vocab: usize, dim: usize, std: f64) -> Result<Self> {
+        Ok(Embedding { weight: path.get("weight", (vocab, dim), Init::Normal { std })?, dim })
     }
 
     /// The vector width.

@@ -10,6 +10,7 @@
 
 pub mod attention;
 mod embedding;
+pub mod hybrid;
 pub mod kv_cache;
 mod linear;
 pub mod mamba;
@@ -23,10 +24,14 @@ mod window_lm;
 
 pub use attention::{Attention, AttentionConfig, KvCache, RopeConfig};
 pub use embedding::Embedding;
+pub use hybrid::{
+    BlockConfig, FfnConfig, ForwardOptions, HybridCache, HybridConfig, HybridModel, HybridOutput, LayerCache,
+    MixerConfig, ParamCounts, Recompute,
+};
 pub use linear::Linear;
 pub use mlp::SwiGluMlp;
 /// Reading and writing safetensors payloads (re-exported from moeba-tensor).
 pub use moeba_tensor::safetensors_io;
-pub use norm::{rms_norm, RmsNorm};
+pub use norm::{rms_norm, rms_norm_composite, RmsNorm};
 pub use params::{Init, Param, ParamPath, ParamStore};
 pub use window_lm::{WindowLm, WindowLmConfig};

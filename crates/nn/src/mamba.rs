@@ -79,7 +79,8 @@ impl MambaConfig {
         self.expand * self.d_model
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the sizes and time-step range; the error names the offending key.
+    pub fn validate(&self) -> Result<()> {
         let bad = |arg: &'static str, msg: String| Err(Error::invalid("MambaConfig", arg, msg));
         if self.d_model == 0 || self.expand == 0 {
             return bad(
