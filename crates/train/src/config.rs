@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::schedule::ScheduleKind;
 
+/// The default run (`configs/tiny-hybrid.toml`): Mamba + attention + MoE layers on tiny
+/// Shakespeare with the byte tokenizer. What `moeba train` with no argument trains.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/tiny-hybrid.toml");
+
 /// A config that cannot be used, naming the key and what was wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -339,6 +343,44 @@ pub struct TrainerConfig {
     pub dataset: String,
     /// Where the run directory goes.
     pub output_dir: String,
+    /// `byte` (the default, vocabulary 256) or a path to a HuggingFace `tokenizer.json`
+    /// (`model.vocab_size` must be at least its vocabulary).
+    pub tokenizer: String,
+    /// The share of the dataset held out for validation (the end of the stream), in `(0, 1)`.
+    pub val_fraction: f64,
+    /// How many `step-*` checkpoints to keep (the best one is kept besides).
+    pub keep_last: usize,
+    /// Activation recomputation: `none`, `mixer` (recompute the mixers' internals in the
+    /// backward) or `block` (recompute whole blocks).
+    pub recompute: RecomputeLevel,
+    /// Log (progress bar, `metrics.jsonl`, TensorBoard) every this many steps.
+    pub log_every: usize,
+    /// Stop early after this many seconds of training (checkpoint and evaluate at the end).
+    pub max_seconds: Option<f64>,
+}
+
+/// The `trainer.recompute` values: how much of the forward is recomputed in the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecomputeLevel {
+    /// Keep every intermediate (fastest, most memory).
+    #[default]
+    None,
+    /// Recompute each mixer's internals in the backward.
+    Mixer,
+    /// Recompute each whole block in the backward.
+    Block,
+}
+
+impl RecomputeLevel {
+    /// The nn setting.
+    pub fn to_nn(self) -> moeba_nn::Recompute {
+        match self {
+            RecomputeLevel::None => moeba_nn::Recompute::None,
+            RecomputeLevel::Mixer => moeba_nn::Recompute::Mixer,
+            RecomputeLevel::Block => moeba_nn::Recompute::Block,
+        }
+    }
 }
 
 impl Default for TrainerConfig {
@@ -363,6 +405,12 @@ impl Default for TrainerConfig {
             seed: 1337,
             dataset: "tinyshakespeare".into(),
             output_dir: "runs/default".into(),
+            tokenizer: "byte".into(),
+            val_fraction: 0.1,
+            keep_last: 3,
+            recompute: RecomputeLevel::None,
+            log_every: 10,
+            max_seconds: None,
         }
     }
 }
@@ -385,6 +433,84 @@ impl RunConfig {
         Ok((cfg, warnings))
     }
 
+    /// The embedded default config ([`DEFAULT_CONFIG`], tiny-hybrid), parsed and validated.
+    pub fn default_config() -> Result<(RunConfig, Vec<String>), ConfigError> {
+        RunConfig::from_toml(DEFAULT_CONFIG)
+    }
+
+    /// Sets one dotted key (`trainer.max_steps`, `model.routing.jitter_noise`) to `value`, parsed
+    /// as a TOML value (`100`, `3e-3`, `true`, `[0, 2]`, `"mamba"`; a bare word that is not valid
+    /// TOML is taken as a string, so `trainer.dataset=arithmetic` works). An unknown key or a value
+    /// of the wrong type is an error naming the key; nothing is changed then. The result is not
+    /// validated (call [`RunConfig::validate`] after the last override).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+        if key.trim().is_empty() || parts.iter().any(|p| p.is_empty()) {
+            return Err(invalid(key, "is not a dotted key like `trainer.max_steps`"));
+        }
+        let parsed = parse_toml_value(value);
+        let mut root =
+            toml::Value::try_from(&*self).map_err(|e| invalid(key, format!("cannot serialise: {e}")))?;
+        let mut table = match &mut root {
+            toml::Value::Table(t) => t,
+            _ => return Err(invalid(key, "the config is not a table")),
+        };
+        let (last, path) = parts.split_last().ok_or_else(|| invalid(key, "empty key"))?;
+        for (i, part) in path.iter().enumerate() {
+            let known = table.contains_key(*part);
+            if !known {
+                let prefix = parts[..=i].join(".");
+                return Err(invalid(key, format!("unknown key: there is no table `{prefix}`")));
+            }
+            table = match table.get_mut(*part) {
+                Some(toml::Value::Table(t)) => t,
+                _ => {
+                    let prefix = parts[..=i].join(".");
+                    return Err(invalid(key, format!("`{prefix}` is a value, not a table")));
+                }
+            };
+        }
+        table.insert(last.to_string(), parsed);
+        let new: RunConfig = root.try_into().map_err(|e: toml::de::Error| {
+            let msg = e.to_string();
+            let msg = msg.trim();
+            if msg.contains("unknown field") {
+                invalid(key, format!("unknown key ({msg})"))
+            } else {
+                invalid(key, format!("bad value `{value}`: {msg}"))
+            }
+        })?;
+        *self = new;
+        Ok(())
+    }
+
+    /// Applies `key=value` overrides in order (see [`RunConfig::set`]); errors name the key, or
+    /// the override when it has no `=`.
+    pub fn apply_overrides<S: AsRef<str>>(&mut self, overrides: &[S]) -> Result<(), ConfigError> {
+        for o in overrides {
+            let o = o.as_ref();
+            let (k, v) = o.split_once('=').ok_or_else(|| {
+                invalid(o, "an override must look like `key=value`, e.g. `trainer.max_steps=100`")
+            })?;
+            self.set(k.trim(), v.trim())?;
+        }
+        Ok(())
+    }
+
+    /// Checks `model.vocab_size` against the vocabulary of the tokenizer actually used.
+    pub fn check_vocab(&self, tokenizer_vocab: usize) -> Result<(), ConfigError> {
+        if self.model.vocab_size < tokenizer_vocab {
+            return Err(invalid(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the vocabulary of tokenizer `{}` ({tokenizer_vocab}); set model.vocab_size = {tokenizer_vocab}",
+                    self.model.vocab_size, self.trainer.tokenizer
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The config as TOML text (what a run directory keeps beside its checkpoint).
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Parse(e.to_string()))
@@ -399,6 +525,12 @@ impl RunConfig {
             return Err(invalid(
                 "trainer.seq_len",
                 format!("{} is longer than model.max_seq_len = {}", t.seq_len, m.max_seq_len),
+            ));
+        }
+        if t.tokenizer == "byte" && m.vocab_size < 256 {
+            return Err(invalid(
+                "model.vocab_size",
+                format!("{} is smaller than the byte tokenizer's vocabulary (256)", m.vocab_size),
             ));
         }
         let moe = m.layers()?.iter().any(|l| l.ffn == FfnKind::Moe);
@@ -687,6 +819,8 @@ impl TrainerConfig {
             ("trainer.max_steps", self.max_steps),
             ("trainer.eval_every", self.eval_every),
             ("trainer.eval_steps", self.eval_steps),
+            ("trainer.keep_last", self.keep_last),
+            ("trainer.log_every", self.log_every),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be > 0"));
@@ -722,6 +856,20 @@ impl TrainerConfig {
                 "is empty; use `tinyshakespeare` or a path to a text file",
             ));
         }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return Err(invalid(
+                "trainer.val_fraction",
+                format!("must be in (0, 1), got {}", self.val_fraction),
+            ));
+        }
+        if let Some(s) = self.max_seconds {
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(invalid("trainer.max_seconds", format!("must be > 0 (or omitted), got {s}")));
+            }
+        }
+        if self.tokenizer.is_empty() {
+            return Err(invalid("trainer.tokenizer", "is empty; use `byte` or a path to a tokenizer.json"));
+        }
         let mut warnings = Vec::new();
         if self.warmup_steps >= self.max_steps {
             warnings.push(format!(
@@ -730,6 +878,15 @@ impl TrainerConfig {
             ));
         }
         Ok(warnings)
+    }
+}
+
+/// A TOML value from an override's text; text that is not a TOML value is taken as a string.
+fn parse_toml_value(text: &str) -> toml::Value {
+    let doc = format!("v = {text}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_string())),
+        Err(_) => toml::Value::String(text.to_string()),
     }
 }
 
