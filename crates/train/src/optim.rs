@@ -244,17 +244,28 @@ fn update_ops(
     Ok((new, m, v))
 }
 
-/// The global L2 norm of every gradient, and the factor that clips it to `max_norm`
-/// (1 when it is already below; pass it to [`AdamW::step`]).
-pub fn clip_factor(grads: &Grads, max_norm: f64) -> Result<(f64, f64)> {
-    let mut total = 0.0;
-    for (_, g) in grads.iter() {
-        let s = ops::sum_all(&ops::mul(g, g)?)?;
-        total += s.to_dtype(moeba_tensor::DType::F64)?.to_scalar::<f64>()?;
+/// The global L2 norm of the gradients of `params`, summed in parameter order (deterministic,
+/// unlike a walk over the gradient map, so clipping and hence resumed runs are bit-exact).
+/// Parameters without a gradient count as zero.
+pub fn grad_norm(params: &[Param], grads: &Grads) -> Result<f64> {
+    let mut total = 0.0f64;
+    for p in params {
+        if let Some(g) = grads.get(&p.var()) {
+            let s = ops::sum_all(&ops::mul(g, g)?)?;
+            total += s.to_dtype(moeba_tensor::DType::F64)?.to_scalar::<f64>()?;
+        }
     }
-    let norm = total.sqrt();
-    let factor = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
-    Ok((norm, factor))
+    Ok(total.sqrt())
+}
+
+/// The factor that clips a gradient of global norm `norm` to `max_norm` (1 when it is already
+/// below, or when `max_norm` is 0; pass it to [`AdamW::step`]).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / norm
+    } else {
+        1.0
+    }
 }
 
 /// The fused CPU AdamW update: one pass over a parameter, its gradient and its two moments,

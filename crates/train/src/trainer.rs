@@ -23,7 +23,7 @@ use crate::checkpoint::{
 use crate::config::{ConfigError, RunConfig};
 use crate::data::{eval_batches, Batch, Batcher, DataError, Dataset};
 use crate::metrics::{read_metrics, MetricsWriter, StepLog};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 use crate::plots::{plot_heatmap, plot_losses, Heatmap};
 use crate::schedule::Schedule;
 use crate::tokenizer::Tokenizer;
@@ -363,7 +363,7 @@ pub fn train_with(
             }
             return Err(TrainError::NonFinite { step: step + 1, loss: norm });
         }
-        let clip = if t.grad_clip > 0.0 && norm > t.grad_clip { t.grad_clip / norm } else { 1.0 };
+        let clip = clip_factor(norm, t.grad_clip);
         opt.step(&grads, lr, clip / accum as f64).map_err(|e| diverged(e, step + 1))?;
         drop(grads);
         step += 1;
@@ -573,19 +573,6 @@ fn add_grads(params: &[Param], mut a: Grads, mut b: Grads) -> Result<Grads, Trai
         }
     }
     Ok(a)
-}
-
-/// The global L2 norm of the gradients, summed in parameter order (deterministic, unlike a
-/// hash-map walk, so clipping and hence resumed runs are bit-exact).
-fn grad_norm(params: &[Param], grads: &Grads) -> Result<f64, TrainError> {
-    let mut total = 0.0f64;
-    for p in params {
-        if let Some(g) = grads.get(&p.var()) {
-            let s = ops::sum_all(&ops::mul(g, g)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            total += s;
-        }
-    }
-    Ok(total.sqrt())
 }
 
 #[allow(clippy::too_many_arguments)]
