@@ -10,6 +10,7 @@
 
 pub mod attention;
 mod embedding;
+pub mod hf;
 pub mod hybrid;
 pub mod kv_cache;
 mod linear;

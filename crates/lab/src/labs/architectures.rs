@@ -1,0 +1,9 @@
+//! The `architectures` lab.
+
+use crate::{LabError, LabOptions, LabRun, Result};
+
+/// Runs the lab.
+pub fn run(opts: &LabOptions) -> Result<LabRun> {
+    let _ = opts;
+    Err(LabError::Msg("lab `architectures` is not implemented yet".into()))
+}

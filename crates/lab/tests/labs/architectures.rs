@@ -1,0 +1,1 @@
+//! The `architectures` lab in quick mode.

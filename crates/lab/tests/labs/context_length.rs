@@ -1,0 +1,1 @@
+//! The `context-length` lab in quick mode.

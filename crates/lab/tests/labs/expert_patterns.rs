@@ -1,0 +1,1 @@
+//! The `expert-patterns` lab in quick mode.

@@ -1,0 +1,1 @@
+//! The `selective-scan` lab in quick mode.

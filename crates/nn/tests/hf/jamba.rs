@@ -1,0 +1,9 @@
+//! The `jamba` fixture.
+
+use super::common::*;
+
+#[test]
+fn logits_and_generation_match_transformers() {
+    let fx = load_fixture("jamba");
+    check_logits_and_generation(&fx);
+}

@@ -1,0 +1,9 @@
+//! The `mixtral` fixture.
+
+use super::common::*;
+
+#[test]
+fn logits_and_generation_match_transformers() {
+    let fx = load_fixture("mixtral");
+    check_logits_and_generation(&fx);
+}
