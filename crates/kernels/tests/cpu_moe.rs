@@ -104,6 +104,13 @@ fn ties_go_to_the_lower_index_and_bias_only_selects() {
     for w in g.weights.to_vec::<f32>().unwrap() {
         assert!((w - 1.0 / 3.0).abs() < 1e-6);
     }
+    // A tie between an entry pushed down the list and a later equal one: the lower index wins
+    // (the displaced 0.5 of expert 0 beats the later 0.5 of expert 4), as in the reference.
+    let logits = Tensor::from_vec(vec![0.5f32, -1.5, -1.0, 2.5, 0.5, 2.0], (1, 6), &CPU).unwrap();
+    let g = ops::topk_gating(&logits, None, &TopkGatingOptions::softmax(3)).unwrap();
+    assert_eq!(g.indices.to_vec::<u32>().unwrap(), vec![3, 5, 0]);
+    let want = reference::moe::topk_gating(&logits, None, &TopkGatingOptions::softmax(3)).unwrap();
+    assert_eq!(want.indices.to_vec::<u32>().unwrap(), vec![3, 5, 0]);
     // A bias moves the choice but not the weights: expert 4 is chosen with its unbiased score.
     let logits = Tensor::from_vec(vec![2.0f64, 1.0, 0.0, 0.0, -1.0], (1, 5), &CPU).unwrap();
     let bias = Tensor::from_vec(vec![0.0f64, 0.0, 0.0, 0.0, 10.0], 5, &CPU).unwrap();

@@ -57,7 +57,7 @@ struct Partial {
 fn bubble_insert<F: Float>(v: F, e: u32, vals: &mut [F], idx: &mut [u32]) {
     let (mut cv, mut ci) = (v, e);
     for (pv, pi) in vals.iter_mut().zip(idx.iter_mut()) {
-        let gt = cv > *pv;
+        let gt = beats(cv, ci, *pv, *pi);
         let (nv, ni) = if gt { (cv, ci) } else { (*pv, *pi) };
         let (ov, oi) = if gt { (*pv, *pi) } else { (cv, ci) };
         *pv = nv;
@@ -65,6 +65,14 @@ fn bubble_insert<F: Float>(v: F, e: u32, vals: &mut [F], idx: &mut [u32]) {
         cv = ov;
         ci = oi;
     }
+}
+
+/// Whether entry `(v, i)` ranks before `(pv, pi)`: a larger value, or an equal value at a lower
+/// index. An entry displaced further down the list carries a lower index than the equal entries
+/// after it, so comparing values alone would break the tie rule. A NaN ranks before nothing.
+#[inline(always)]
+fn beats<F: Float>(v: F, i: u32, pv: F, pi: u32) -> bool {
+    v > pv || (v == pv && i < pi)
 }
 
 /// The top-k of `sel` (by descending value, ties to the lower index) into `idx[..k]`: the first
@@ -92,7 +100,7 @@ fn bubble_insert_free<F: Float>(v: F, e: u32, vals: &mut [F], idx: &mut [u32]) {
     let n = vals.len();
     let (mut cv, mut ci) = (v, e);
     for p in 0..n - 1 {
-        let gt = cv > vals[p];
+        let gt = beats(cv, ci, vals[p], idx[p]);
         let (nv, ni) = if gt { (cv, ci) } else { (vals[p], idx[p]) };
         let (ov, oi) = if gt { (vals[p], idx[p]) } else { (cv, ci) };
         vals[p] = nv;
