@@ -57,6 +57,7 @@ fn key_of(part: Part, arg: &str) -> &'static str {
         (Part::Moe, "strategy") => "model.routing.strategy",
         (Part::Moe, "lb_loss_alpha") => "trainer.load_balance_alpha",
         (Part::Moe, "z_loss_alpha") => "trainer.router_z_loss_alpha",
+        (Part::Moe, "usage_var_alpha") => "trainer.usage_variance_alpha",
         (Part::Moe, _) => "model.experts_per_tok",
         (Part::Model, "vocab_size") => "model.vocab_size",
         (Part::Model, "blocks.ffn.strategy") => "model.routing.strategy",
@@ -79,7 +80,7 @@ fn nn_error(part: Part, layer: Option<usize>, e: moeba_tensor::Error) -> ConfigE
 
 impl ModelConfig {
     /// The nn config of this model. `trainer` gives the aux-loss alphas of the MoE layers
-    /// (`load_balance_alpha`, `router_z_loss_alpha`). Errors name the key.
+    /// (`load_balance_alpha`, `router_z_loss_alpha`, `usage_variance_alpha`). Errors name the key.
     ///
     /// Mapping: Mamba-1 layers get `d_state`, `d_conv`, `expand`, `dt_rank`; Mamba-2 layers
     /// `mamba2_d_state`, `mamba2_head_dim`, `mamba2_num_heads`, `n_groups`, `chunk_size`, `expand`,
@@ -87,13 +88,17 @@ impl ModelConfig {
     /// `rope_theta` (none when `rope = false`), `qk_norm`, `sliding_window`; MLA layers
     /// `q_latent_dim`, `kv_latent_dim`, `d_rope`, `qk_nope_head_dim` and `v_head_dim` (both
     /// default `head_dim`), interleaved RoPE (DeepSeek-V2's pairing) with `rope_theta`; dense
-    /// layers a SwiGLU MLP of `intermediate_size`; MoE layers `num_experts` routed experts of
+    /// layers a SwiGLU MLP of `intermediate_size` (none when it is 0); MoE layers `num_experts` routed experts of
     /// `moe_intermediate_size` (default `intermediate_size`), `experts_per_tok`, the shared expert
     /// (`shared_expert_intermediate_size`, default `intermediate_size`; `shared_expert_gate`) and
     /// `[model.routing]`. Hash routing is salted with the layer index, so layers route
-    /// differently. Every norm uses `norm_eps`.
+    /// differently. Every norm uses `norm_eps`. With `hf_config` set, the HF model's config
+    /// ([`crate::hf::hybrid_config`]).
     pub fn to_hybrid(&self, trainer: &TrainerConfig) -> Result<HybridConfig, ConfigError> {
         self.validate()?;
+        if let Some(json) = &self.hf_config {
+            return crate::hf::hybrid_config(json, trainer);
+        }
         let d = self.hidden_size;
         let blocks = self
             .layers()?
@@ -102,6 +107,7 @@ impl ModelConfig {
             .map(|(i, plan)| {
                 let mixer = self.mixer_config(plan.mixer, i)?;
                 let ffn = match plan.ffn {
+                    FfnKind::Mlp if self.intermediate_size == 0 => FfnConfig::None,
                     FfnKind::Mlp => FfnConfig::Mlp { intermediate_size: self.intermediate_size },
                     FfnKind::Moe => FfnConfig::Moe(self.moe_config(trainer, i)?),
                 };
@@ -210,7 +216,7 @@ impl ModelConfig {
             strategy,
             lb_loss_alpha: trainer.load_balance_alpha,
             z_loss_alpha: trainer.router_z_loss_alpha,
-            usage_var_alpha: 0.0,
+            usage_var_alpha: trainer.usage_variance_alpha,
             ..MoeConfig::new(
                 self.hidden_size,
                 self.moe_intermediate_size.unwrap_or(self.intermediate_size),

@@ -225,7 +225,9 @@ pub struct ModelConfig {
     /// Mamba-2: SSD chunk length.
     pub chunk_size: usize,
 
-    /// Width inside dense SwiGLU MLPs and each expert.
+    /// Width inside dense SwiGLU MLPs and each expert; 0: dense layers have no feed-forward
+    /// (`x + mixer(norm(x))` only, as HF Mamba / Mamba-2; MoE layers then need
+    /// `moe_intermediate_size`).
     pub intermediate_size: usize,
     /// Experts per MoE layer (0: no MoE anywhere).
     pub num_experts: usize,
@@ -247,6 +249,10 @@ pub struct ModelConfig {
     pub shared_expert_gate: bool,
     /// How MoE layers route.
     pub routing: RoutingConfig,
+    /// The text of a HuggingFace `config.json` (written by `moeba train --hf DIR`): when set,
+    /// the model is that HF architecture (see [`crate::hf`]) and only `max_seq_len` of the other
+    /// model keys applies (`vocab_size` must agree with it).
+    pub hf_config: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -297,6 +303,7 @@ impl Default for ModelConfig {
             shared_expert_intermediate_size: None,
             shared_expert_gate: false,
             routing: RoutingConfig::default(),
+            hf_config: None,
         }
     }
 }
@@ -337,6 +344,8 @@ pub struct TrainerConfig {
     pub load_balance_alpha: f64,
     /// Weight of the router z-loss of MoE layers.
     pub router_z_loss_alpha: f64,
+    /// Weight of the variance-of-expert-usage loss of MoE layers (0 = off, the default).
+    pub usage_variance_alpha: f64,
     /// Seed for initialisation and data order.
     pub seed: u64,
     /// `tinyshakespeare` (embedded) or a path to a UTF-8 text file.
@@ -357,6 +366,9 @@ pub struct TrainerConfig {
     pub log_every: usize,
     /// Stop early after this many seconds of training (checkpoint and evaluate at the end).
     pub max_seconds: Option<f64>,
+    /// A HuggingFace model directory whose weights start a fresh run (not a resumed one); the
+    /// model must be that directory's `model.hf_config` (`moeba train --hf DIR` sets both).
+    pub init_from_hf: Option<String>,
 }
 
 /// The `trainer.recompute` values: how much of the forward is recomputed in the backward.
@@ -402,6 +414,7 @@ impl Default for TrainerConfig {
             save_every: 0,
             load_balance_alpha: 0.01,
             router_z_loss_alpha: 0.001,
+            usage_variance_alpha: 0.0,
             seed: 1337,
             dataset: "tinyshakespeare".into(),
             output_dir: "runs/default".into(),
@@ -411,6 +424,7 @@ impl Default for TrainerConfig {
             recompute: RecomputeLevel::None,
             log_every: 10,
             max_seconds: None,
+            init_from_hf: None,
         }
     }
 }
@@ -533,8 +547,25 @@ impl RunConfig {
                 format!("{} is smaller than the byte tokenizer's vocabulary (256)", m.vocab_size),
             ));
         }
-        let moe = m.layers()?.iter().any(|l| l.ffn == FfnKind::Moe);
-        if moe && t.load_balance_alpha == 0.0 && m.routing.bias_balancing_rate.is_none() {
+        if t.init_from_hf.is_some() && m.hf_config.is_none() {
+            return Err(invalid(
+                "trainer.init_from_hf",
+                "needs model.hf_config (the HF model's config.json); use `moeba train --hf DIR`",
+            ));
+        }
+        let moe = match &m.hf_config {
+            Some(json) => crate::hf::spec_of_text(json)?
+                .config
+                .blocks
+                .iter()
+                .any(|b| matches!(b.ffn, moeba_nn::FfnConfig::Moe(_))),
+            None => m.layers()?.iter().any(|l| l.ffn == FfnKind::Moe),
+        };
+        if moe
+            && t.load_balance_alpha == 0.0
+            && t.usage_variance_alpha == 0.0
+            && m.routing.bias_balancing_rate.is_none()
+        {
             let learned =
                 !matches!(m.routing.strategy, RoutingStrategyKind::Hash | RoutingStrategyKind::Dense);
             if learned {
@@ -629,15 +660,36 @@ impl ModelConfig {
             .collect())
     }
 
+    /// The checks of an HF model (`hf_config` set): the config maps, and `vocab_size` and
+    /// `max_seq_len` agree with it.
+    fn validate_hf(&self, json: &str) -> Result<Vec<String>, ConfigError> {
+        let spec = crate::hf::spec_of_text(json)?;
+        if self.vocab_size != spec.config.vocab_size {
+            return Err(invalid(
+                "model.vocab_size",
+                format!(
+                    "is {} but model.hf_config has vocab_size = {}; they must agree",
+                    self.vocab_size, spec.config.vocab_size
+                ),
+            ));
+        }
+        if self.max_seq_len == 0 {
+            return Err(invalid("model.max_seq_len", "must be > 0"));
+        }
+        Ok(Vec::new())
+    }
+
     /// Checks the model keys; returns warnings.
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
+        if let Some(json) = &self.hf_config {
+            return self.validate_hf(json);
+        }
         let warnings = Vec::new();
         for (key, v) in [
             ("model.vocab_size", self.vocab_size),
             ("model.hidden_size", self.hidden_size),
             ("model.num_layers", self.num_layers),
             ("model.max_seq_len", self.max_seq_len),
-            ("model.intermediate_size", self.intermediate_size),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be > 0"));
@@ -845,6 +897,7 @@ impl TrainerConfig {
             ("trainer.grad_clip", self.grad_clip),
             ("trainer.load_balance_alpha", self.load_balance_alpha),
             ("trainer.router_z_loss_alpha", self.router_z_loss_alpha),
+            ("trainer.usage_variance_alpha", self.usage_variance_alpha),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(invalid(key, format!("must be ≥ 0, got {v}")));

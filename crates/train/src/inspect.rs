@@ -60,7 +60,7 @@ pub struct BlockActivations {
     pub mixer: usize,
     /// Inside the feed-forward (MLP or MoE: router, gathered rows, expert activations).
     pub ffn: usize,
-    /// Around them: the block input, two norms, two residual sums (`5 · d`).
+    /// Around them: the block input, two norms, two residual sums (`5 · d`; `3 · d` without FFN).
     pub residual: usize,
 }
 
@@ -120,6 +120,7 @@ pub fn block_activations(block: &BlockConfig, d: usize) -> BlockActivations {
         }
     };
     let ffn = match &block.ffn {
+        FfnConfig::None => 0,
         FfnConfig::Mlp { intermediate_size } => 4 * intermediate_size + d,
         FfnConfig::Moe(c) => {
             let k = match c.strategy {
@@ -135,7 +136,9 @@ pub fn block_activations(block: &BlockConfig, d: usize) -> BlockActivations {
             2 * c.num_experts + k * (3 * d + 4 * c.d_ff) + d + shared
         }
     };
-    BlockActivations { mixer, ffn, residual: 5 * d }
+    // Without a feed-forward: the block input, one norm and one residual sum.
+    let residual = if block.ffn == FfnConfig::None { 3 * d } else { 5 * d };
+    BlockActivations { mixer, ffn, residual }
 }
 
 /// Estimated activation bytes of one training step of `cfg` on `batch × seq_len` tokens, per
@@ -200,6 +203,7 @@ pub fn describe_mixer(m: &MixerConfig) -> String {
 /// The short description of a layer's feed-forward, e.g. `moe (8 × 256, top-2, topk, shared 512)`.
 pub fn describe_ffn(f: &FfnConfig) -> String {
     match f {
+        FfnConfig::None => "none".to_string(),
         FfnConfig::Mlp { intermediate_size } => format!("mlp (swiglu {intermediate_size})"),
         FfnConfig::Moe(c) => {
             let mut s = format!(

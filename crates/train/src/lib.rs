@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod experts;
+pub mod hf;
 pub mod inspect;
 pub mod metrics;
 pub mod optim;
@@ -21,6 +22,7 @@ pub mod trainer;
 
 pub use build::build_model;
 pub use config::{ConfigError, ModelConfig, RecomputeLevel, RunConfig, TrainerConfig, DEFAULT_CONFIG};
+pub use hf::{load_hf_model, HfDir, HfModel};
 pub use metrics::StepLog;
 pub use sampling::{
     generate, generate_capped, generate_ids, generate_ids_capped, sample_token, SampleOptions,

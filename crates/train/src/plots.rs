@@ -20,8 +20,8 @@ use crate::metrics::StepLog;
 
 /// The embedded font (DejaVu Sans 2.37).
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-/// The family every plot asks for.
-const FAMILY: &str = "sans-serif";
+/// The family every plot asks for (the embedded font is registered under it).
+pub const FAMILY: &str = "sans-serif";
 
 /// Registers the embedded font for every style plotters may ask for (once per process).
 fn ensure_font() -> Result<(), CheckpointError> {
@@ -41,8 +41,9 @@ fn ensure_font() -> Result<(), CheckpointError> {
     }
 }
 
-/// Something drawn the same way into every backend.
-trait Figure {
+/// Something drawn the same way into every backend (public so that moeba-lab's charts use the
+/// same renderer, font and atomic writes).
+pub trait Figure {
     /// Canvas size in pixels.
     fn size(&self) -> (u32, u32);
     /// Draws onto `area` (already sized).
@@ -53,8 +54,9 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
     CheckpointError::Io { path: path.display().to_string(), msg: e.to_string() }
 }
 
-/// Writes `<stem>.png` and `<stem>.svg` of `fig` into `dir`.
-fn render<F: Figure>(fig: &F, dir: &Path, stem: &str) -> Result<Vec<PathBuf>, CheckpointError> {
+/// Writes `<stem>.png` and `<stem>.svg` of `fig` into `dir` (each under a temporary name, then
+/// renamed) and returns both paths. The embedded font is registered first.
+pub fn render<F: Figure>(fig: &F, dir: &Path, stem: &str) -> Result<Vec<PathBuf>, CheckpointError> {
     if stem.is_empty() || stem.contains(['/', '\\']) || stem.starts_with('.') {
         return Err(CheckpointError::Invalid {
             path: dir.display().to_string(),

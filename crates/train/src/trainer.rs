@@ -195,6 +195,9 @@ pub fn train_with(
     cfg.check_vocab(tokenizer.vocab_size())?;
     let hcfg = cfg.model.to_hybrid(t)?;
     let (store, model) = build_model(&hcfg, t.seed, &device)?;
+    if let (Some(dir), false) = (&t.init_from_hf, opts.resume) {
+        crate::hf::load_hf_weights(Path::new(dir), &hcfg, &store)?;
+    }
     let params = store.params();
     let mut opt = AdamW::new(
         params.clone(),

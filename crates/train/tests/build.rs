@@ -36,6 +36,7 @@ fn plan(h: &HybridConfig) -> Vec<String> {
             let f = match b.ffn {
                 FfnConfig::Mlp { .. } => "mlp",
                 FfnConfig::Moe(_) => "moe",
+                FfnConfig::None => "none",
             };
             format!("{m}/{f}")
         })
@@ -103,6 +104,37 @@ fn tiny_hybrid() {
     // Two MoE layers each run 2 of 8 experts of 3 · 192 · 128 parameters.
     assert_eq!(c.total - c.active, 2 * 6 * 3 * 192 * 128);
     assert_eq!(c.embedding, 256 * 128);
+}
+
+/// `intermediate_size = 0`: dense layers have no feed-forward (HF Mamba / Mamba-2 blocks), no
+/// `pre_ff_layernorm`; MoE layers then need their own `moe_intermediate_size`.
+#[test]
+fn intermediate_size_zero_means_no_feed_forward() {
+    let text = "[model]\nhidden_size = 32\nnum_layers = 2\nmixer = \"mamba2\"\nmamba2_head_dim = 16\n\
+                mamba2_d_state = 8\nchunk_size = 8\nintermediate_size = 0";
+    let h = hybrid(text);
+    assert_eq!(plan(&h), ["mamba2/none"; 2]);
+    let model = runs(&h);
+    let names: Vec<String> = {
+        let (store, _) = build_model(&h, 1, &Device::Cpu).unwrap();
+        store.params().iter().map(|p| p.name().to_string()).collect()
+    };
+    assert!(
+        names.iter().all(|n| !n.contains("pre_ff_layernorm") && !n.contains("feed_forward")),
+        "{names:?}"
+    );
+    assert_eq!(names.iter().filter(|n| n.ends_with("input_layernorm.weight")).count(), 2);
+    assert!(model.param_counts().total > 0);
+
+    // With MoE layers: those keep their experts, the dense ones have none.
+    let h = hybrid(&format!(
+        "{text}\nnum_experts = 4\nexperts_per_tok = 2\nmoe_layers = [1]\nmoe_intermediate_size = 24"
+    ));
+    assert_eq!(plan(&h), ["mamba2/none", "mamba2/moe"]);
+    runs(&h);
+    // ... but not without their own width.
+    let e = err(&format!("{text}\nnum_experts = 4\nexperts_per_tok = 2\nmoe_layers = [1]"));
+    assert!(e.contains("moe_intermediate_size"), "{e}");
 }
 
 #[test]
@@ -229,7 +261,7 @@ fn other_routings_map() {
         .iter()
         .map(|b| match &b.ffn {
             FfnConfig::Moe(e) => e.strategy,
-            FfnConfig::Mlp { .. } => unreachable!(),
+            FfnConfig::Mlp { .. } | FfnConfig::None => unreachable!(),
         })
         .collect();
     assert_eq!(seeds, [0, 1, 2].map(|seed| RoutingKind::Hash { seed }), "a salt per layer");

@@ -286,10 +286,26 @@ impl<'a> HfWeights<'a> {
         }
         let mut gate_up = Vec::with_capacity(num_experts);
         let mut downs = Vec::with_capacity(num_experts);
+        // moeba's per-expert shapes, (f, d) for gate/up and (d, f) for down, so that a misshapen
+        // expert tensor is named with both shapes (rather than failing in the stack).
+        let dims = |name: &str| self.store.get(name).map(|p| p.tensor().dims().to_vec());
+        let want_gu = dims(&dst_gu).filter(|s| s.len() == 3).map(|s| vec![s[1] / 2, s[2]]);
+        let want_dn = dims(&dst_dn).filter(|s| s.len() == 3).map(|s| vec![s[1], s[2]]);
+        let check = |name: &str, t: &Tensor, want: &Option<Vec<usize>>, param: &str| {
+            match want {
+                Some(w) if t.dims() != w.as_slice() => Err(Error::Msg(format!(
+                    "HF checkpoint: tensor `{name}` has shape {:?} but moeba's `{param}` expects {w:?} per expert",
+                    t.dims()
+                ))),
+                _ => Ok(()),
+            }
+        };
         for e in 0..num_experts {
             let p = format!("{hf}.experts.{e}");
             let g = self.take(&format!("{p}.{gate}.weight"))?;
+            check(&format!("{p}.{gate}.weight"), &g, &want_gu, &dst_gu)?;
             let u = self.take(&format!("{p}.{up}.weight"))?;
+            check(&format!("{p}.{up}.weight"), &u, &want_gu, &dst_gu)?;
             if g.dims() != u.dims() {
                 return Err(Error::Msg(format!(
                     "HF checkpoint: `{p}.{gate}.weight` is {:?} but `{p}.{up}.weight` is {:?}",
@@ -298,7 +314,9 @@ impl<'a> HfWeights<'a> {
                 )));
             }
             gate_up.push(ops::concat(&[&g, &u], 0)?);
-            downs.push(self.take(&format!("{p}.{down}.weight"))?);
+            let dn = self.take(&format!("{p}.{down}.weight"))?;
+            check(&format!("{p}.{down}.weight"), &dn, &want_dn, &dst_dn)?;
+            downs.push(dn);
         }
         let extra = format!("{hf}.experts.{num_experts}.{gate}.weight");
         if self.has(&extra) {

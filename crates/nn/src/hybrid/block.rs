@@ -30,6 +30,8 @@ pub(super) enum Mixer {
 pub(super) enum Ffn {
     Mlp(SwiGluMlp),
     Moe(Box<MoeLayer>),
+    /// No feed-forward (and no `pre_ff_layernorm`).
+    None,
 }
 
 /// What a block's feed-forward reports besides its output (MoE layers only).
@@ -49,7 +51,8 @@ pub(super) struct Block {
     pub(super) index: usize,
     pub(super) input_layernorm: RmsNorm,
     pub(super) mixer: Mixer,
-    pub(super) pre_ff_layernorm: RmsNorm,
+    /// `None` exactly when the block has no feed-forward ([`Ffn::None`]).
+    pub(super) pre_ff_layernorm: Option<RmsNorm>,
     pub(super) ffn: Ffn,
     /// The parameters read by `mixer(input_layernorm(x))` (for [`Recompute::Mixer`]).
     pub(super) mixer_params: Vec<Param>,
@@ -69,10 +72,14 @@ impl Block {
         }
     }
 
-    /// `x + ffn(pre_ff_layernorm(x))` and what an MoE layer reports.
+    /// `x + ffn(pre_ff_layernorm(x))` and what an MoE layer reports (`x` itself without FFN).
     pub(super) fn ffn_residual(&self, x: &Var, ctx: &MoeContext) -> Result<(Var, FfnExtras)> {
-        let h = self.pre_ff_layernorm.forward(x)?;
+        let Some(norm) = &self.pre_ff_layernorm else {
+            return Ok((x.clone(), FfnExtras::default()));
+        };
+        let h = norm.forward(x)?;
         match &self.ffn {
+            Ffn::None => Ok((x.clone(), FfnExtras::default())),
             Ffn::Mlp(mlp) => Ok((x.add(&mlp.forward(&h)?)?, FfnExtras::default())),
             Ffn::Moe(layer) => {
                 let out = layer.forward(&h, ctx)?;

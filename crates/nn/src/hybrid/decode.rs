@@ -138,7 +138,7 @@ impl HybridModel {
             let x1 = x.add(&Var::constant(mixed))?;
             let ctx = match block.ffn {
                 Ffn::Moe(_) => MoeContext::default().with_token_ids(ids.clone()).with_causal(true),
-                Ffn::Mlp(_) => MoeContext::default(),
+                Ffn::Mlp(_) | Ffn::None => MoeContext::default(),
             };
             x = block.ffn_residual(&x1, &ctx)?.0;
         }

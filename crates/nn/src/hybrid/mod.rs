@@ -1,6 +1,6 @@
 //! [`HybridModel`]: the hybrid language model. Token embedding, `L` pre-norm residual blocks
 //! (`x + mixer(norm(x))`, then `x + ffn(norm(x))`) whose mixer is Mamba, Mamba-2, attention or
-//! MLA and whose feed-forward is a dense SwiGLU MLP or an MoE layer, a final RMSNorm and the LM
+//! MLA and whose feed-forward is a dense SwiGLU MLP, an MoE layer or none, a final RMSNorm and the LM
 //! head (tied to the embedding or not).
 //!
 //! Parameter names follow the HF hybrid layouts (Jamba): `model.embed_tokens.weight`,
@@ -66,6 +66,9 @@ pub enum FfnConfig {
     },
     /// A Mixture-of-Experts layer (its alphas weight its aux losses in [`HybridOutput::aux_loss`]).
     Moe(MoeConfig),
+    /// No feed-forward: the block is `x + mixer(input_layernorm(x))` only, with no
+    /// `pre_ff_layernorm` parameter (HF Mamba / Mamba-2 models).
+    None,
 }
 
 /// One block: its mixer and its feed-forward.
@@ -217,7 +220,7 @@ impl HybridConfig {
                         format!("block {i} (mlp): must be > 0"),
                     ))
                 }
-                FfnConfig::Mlp { .. } => {}
+                FfnConfig::Mlp { .. } | FfnConfig::None => {}
                 FfnConfig::Moe(m) => {
                     if m.d_model != d {
                         return Err(Error::invalid(
@@ -285,8 +288,12 @@ impl HybridModel {
                     (p, m)
                 }
             };
-            let pre_ff_layernorm = RmsNorm::new(&lp.pp("pre_ff_layernorm"), d, eps)?;
+            let pre_ff_layernorm = match bc.ffn {
+                FfnConfig::None => None,
+                _ => Some(RmsNorm::new(&lp.pp("pre_ff_layernorm"), d, eps)?),
+            };
             let ffn = match &bc.ffn {
+                FfnConfig::None => Ffn::None,
                 FfnConfig::Mlp { intermediate_size } => {
                     Ffn::Mlp(SwiGluMlp::new(&lp.pp("feed_forward"), d, *intermediate_size)?)
                 }
@@ -342,7 +349,7 @@ impl HybridModel {
             .iter()
             .filter_map(|b| match &b.ffn {
                 Ffn::Moe(m) => Some((b.index, m.as_ref())),
-                Ffn::Mlp(_) => None,
+                Ffn::Mlp(_) | Ffn::None => None,
             })
             .collect()
     }
@@ -401,7 +408,7 @@ impl HybridModel {
         for block in &self.blocks {
             let ctx = match block.ffn {
                 Ffn::Moe(_) => layer_context(&opts.moe, ids, block.index),
-                Ffn::Mlp(_) => MoeContext::default(),
+                Ffn::Mlp(_) | Ffn::None => MoeContext::default(),
             };
             let (y, ex) = block.forward_at(&x, &ctx, opts.recompute)?;
             x = y;

@@ -42,6 +42,17 @@ pub enum RoutingKind {
         /// Number of tasks (gates).
         num_tasks: usize,
     },
+    /// Group-limited greedy (DeepSeek-V2's `group_limited_greedy`): the experts form `num_groups`
+    /// groups of consecutive experts; a group's score is its best expert's score, each token keeps
+    /// its `topk_groups` best groups and picks `experts_per_tok` experts among them (ties: lower
+    /// index). Weights are the scores over all experts (see
+    /// [`crate::moe::strategy::GroupLimitedRouting`]).
+    GroupLimited {
+        /// Number of expert groups (divides `num_experts`).
+        num_groups: usize,
+        /// Groups kept per token (`1..=num_groups`).
+        topk_groups: usize,
+    },
 }
 
 impl RoutingKind {
@@ -56,6 +67,7 @@ impl RoutingKind {
             RoutingKind::Soft { .. } => "soft",
             RoutingKind::Hierarchical { .. } => "hierarchical",
             RoutingKind::MultiTask { .. } => "multi_task",
+            RoutingKind::GroupLimited { .. } => "group_limited",
         }
     }
 }
@@ -243,6 +255,15 @@ impl MoeConfig {
             }
             RoutingKind::MultiTask { num_tasks: 0 } => {
                 return bad("strategy", "multi-task MoE needs num_tasks >= 1".into())
+            }
+            RoutingKind::GroupLimited { num_groups, topk_groups } => {
+                super::strategy::group_limited::check_groups(
+                    "MoeConfig::validate",
+                    self.num_experts,
+                    num_groups,
+                    topk_groups,
+                    self.experts_per_tok,
+                )?;
             }
             _ => {}
         }

@@ -11,6 +11,7 @@
 //! | soft MoE (slots) | [`SoftMoeRouting`] | `gate.weight (E·S, d)` |
 //! | hierarchical (group, then expert) | [`HierarchicalRouting`] | `group_gate.weight (G, d)`, `gate.weight (E, d)` |
 //! | multi-task (one gate per task) | [`MultiTaskRouting`] | `gates.{j}.weight (E, d)` per task |
+//! | group-limited greedy (DeepSeek-V2) | [`GroupLimitedRouting`] | `gate.weight (E, d)` |
 
 use moeba_autograd::fused::moe as fused;
 use moeba_autograd::Var;
@@ -27,6 +28,7 @@ use super::stats::RoutingStats;
 
 mod dense;
 mod expert_choice;
+pub(crate) mod group_limited;
 mod hash;
 mod hierarchical;
 mod multi_task;
@@ -36,6 +38,7 @@ mod topk;
 
 pub use dense::DenseGatedRouting;
 pub use expert_choice::ExpertChoiceRouting;
+pub use group_limited::{group_limited_gating, GroupLimitedGating, GroupLimitedRouting};
 pub use hash::{hash_expert, HashRouting};
 pub use hierarchical::HierarchicalRouting;
 pub use multi_task::MultiTaskRouting;
@@ -139,6 +142,9 @@ pub fn strategy_for(kind: &RoutingKind) -> Box<dyn RoutingStrategy> {
         RoutingKind::Soft { slots_per_expert } => Box::new(SoftMoeRouting { slots_per_expert }),
         RoutingKind::Hierarchical { num_groups } => Box::new(HierarchicalRouting { num_groups }),
         RoutingKind::MultiTask { num_tasks } => Box::new(MultiTaskRouting { num_tasks }),
+        RoutingKind::GroupLimited { num_groups, topk_groups } => {
+            Box::new(GroupLimitedRouting { num_groups, topk_groups })
+        }
     }
 }
 
