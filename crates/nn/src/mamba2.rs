@@ -26,33 +26,33 @@ use crate::params::{Init, Param, ParamPath};
 /// Sizes and initialisation of a [`Mamba2Block`] (HF `Mamba2Config` names in brackets).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mamba2Config {
-    /// Model width [hidden_size].
+    /// Model width (HF `hidden_size`).
     pub d_model: usize,
-    /// State size N per head [state_size], default 128.
+    /// State size N per head (HF `state_size`), default 128.
     pub d_state: usize,
-    /// Conv kernel width [conv_kernel], default 4.
+    /// Conv kernel width (HF `conv_kernel`), default 4.
     pub d_conv: usize,
     /// d_inner = expand · d_model, default 2.
     pub expand: usize,
-    /// Head dim P [head_dim], default 64.
+    /// Head dim P (HF `head_dim`), default 64.
     pub head_dim: usize,
-    /// Heads H [num_heads]; must equal expand · d_model / head_dim.
+    /// Heads H (HF `num_heads`); must equal expand · d_model / head_dim.
     pub num_heads: usize,
-    /// Groups G of B and C [n_groups], default 1; divides num_heads.
+    /// Groups G of B and C (HF `n_groups`), default 1; divides num_heads.
     pub n_groups: usize,
     /// SSD chunk size, default 256.
     pub chunk_size: usize,
-    /// Whether conv1d has a bias [use_conv_bias], default true.
+    /// Whether conv1d has a bias (HF `use_conv_bias`), default true.
     pub conv_bias: bool,
-    /// Whether in_proj/out_proj have biases [use_bias], default false.
+    /// Whether in_proj/out_proj have biases (HF `use_bias`), default false.
     pub bias: bool,
-    /// Smallest initial dt [time_step_min], default 0.001.
+    /// Smallest initial dt (HF `time_step_min`), default 0.001.
     pub dt_min: f64,
-    /// Largest initial dt [time_step_max], default 0.1.
+    /// Largest initial dt (HF `time_step_max`), default 0.1.
     pub dt_max: f64,
-    /// Floor of the initial dt [time_step_floor], default 1e-4.
+    /// Floor of the initial dt (HF `time_step_floor`), default 1e-4.
     pub dt_init_floor: f64,
-    /// Epsilon of the gated RMSNorm [layer_norm_epsilon], default 1e-5.
+    /// Epsilon of the gated RMSNorm (HF `layer_norm_epsilon`), default 1e-5.
     pub norm_eps: f64,
 }
 
