@@ -213,3 +213,222 @@ fn help_lists_the_commands() {
     let out = ok(&["train", "--help"]);
     assert!(out.contains("--set") && out.contains("--resume") && out.contains("jamba-like"), "{out}");
 }
+
+/// `../shared/fixtures/hf/{family}`: transformers-made model directories with expected outputs.
+fn hf_fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf").join(family)
+}
+
+fn read_safetensors(path: &Path) -> std::collections::HashMap<String, moeba_tensor::Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    moeba_nn::safetensors_io::deserialize(&bytes, &moeba_tensor::Device::Cpu).unwrap()
+}
+
+/// The rows of an integer tensor `(b, l)` as `1,2,3;4,5,6`.
+fn id_rows(t: &moeba_tensor::Tensor) -> String {
+    let l = t.dims()[1];
+    let v: Vec<u32> = t.to_dtype(moeba_tensor::DType::U32).unwrap().to_vec().unwrap();
+    v.chunks(l)
+        .map(|r| r.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+#[test]
+fn hf_logits_and_greedy_generation_match_transformers() {
+    let dir = temp_dir("hf-logits");
+    std::fs::create_dir_all(&dir).unwrap();
+    for family in ["mamba", "mamba2", "mixtral", "qwen2_moe", "jamba", "deepseek_v2"] {
+        let fx = hf_fixture(family);
+        let want = read_safetensors(&fx.join("expected.safetensors"));
+        let out = dir.join(format!("{family}.safetensors"));
+        let f = fx.to_str().unwrap();
+        ok(&["logits", "--hf", f, "--ids", &id_rows(&want["input_ids"]), "--out", out.to_str().unwrap()]);
+        let got = &read_safetensors(&out)["logits"];
+        let (g, w) = (got.to_vec_f64().unwrap(), want["logits"].to_vec_f64().unwrap());
+        assert_eq!(got.dims(), want["logits"].dims(), "{family}");
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let err = g.iter().zip(&w).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err <= 1e-4, "{family}: logits relative error {err:.3e}");
+
+        // Greedy generation with caches: prompt + new ids on one line, as transformers' generate_out.
+        let prompt = id_rows(&want["generate_prompt"]);
+        let expect = id_rows(&want["generate_out"]);
+        let n = (want["generate_out"].dims()[1] - want["generate_prompt"].dims()[1]).to_string();
+        let args =
+            ["generate", "--hf", f, "--prompt-ids", &prompt, "--max-new-tokens", &n, "--temperature", "0"];
+        let out = ok(&[&args[..], &["--ignore-eos"]].concat());
+        assert_eq!(out.trim(), expect, "{family}: greedy generation differs from transformers'");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A character-level tokenizer.json (newline and printable ASCII → ids 3..=98).
+fn char_tokenizer_json() -> String {
+    let mut vocab = vec![r#""<unk>": 0"#.to_string(), r#""<s>": 1"#.into(), r#""</s>": 2"#.into()];
+    let chars = std::iter::once('\n').chain((32u8..127).map(char::from));
+    for (i, c) in chars.enumerate() {
+        let key = match c {
+            '\n' => "\\n".to_string(),
+            '"' => "\\\"".to_string(),
+            '\\' => "\\\\".to_string(),
+            c => c.to_string(),
+        };
+        vocab.push(format!("\"{key}\": {}", i + 3));
+    }
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+  "pre_tokenizer": {{"type": "Split", "pattern": {{"Regex": "[\\s\\S]"}}, "behavior": "Isolated", "invert": false}},
+  "post_processor": null, "decoder": {{"type": "Fuse"}},
+  "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<unk>"}}}}"#,
+        vocab.join(", ")
+    )
+}
+
+#[test]
+fn hf_inspect_eval_fine_tune_and_errors() {
+    let dir = temp_dir("hf-dir");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(hf_fixture("qwen2_moe").join(f), model.join(f)).unwrap();
+    }
+    let m = model.to_str().unwrap();
+
+    // Without tokenizer.json: a text prompt, eval and fine-tuning say what is missing.
+    let e = fails(&["generate", "--hf", m, "--prompt", "hello"]);
+    assert!(e.contains("tokenizer.json") && e.contains("--prompt-ids"), "{e}");
+    let e = fails(&["train", "--hf", m, "--set", "trainer.max_steps=2"]);
+    assert!(e.contains("tokenizer.json"), "{e}");
+    // Bad ids.
+    let out = dir.join("l.safetensors");
+    let o = out.to_str().unwrap();
+    let e = fails(&["logits", "--hf", m, "--ids", "1,2,3;4,5", "--out", o]);
+    assert!(e.contains("row 1") && e.contains("row 0"), "{e}");
+    let e = fails(&["logits", "--hf", m, "--ids", "1,2,192", "--out", o]);
+    assert!(e.contains("192") && e.contains("vocab"), "{e}");
+    let e = fails(&["logits", "--hf", m, "--ids", "1,x", "--out", o]);
+    assert!(e.contains("`x`"), "{e}");
+    // A broken directory names the file.
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(model.join("config.json"), broken.join("config.json")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{").unwrap();
+    let e = fails(&["logits", "--hf", broken.to_str().unwrap(), "--ids", "1,2", "--out", o]);
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+
+    // The commands and options are documented.
+    assert!(ok(&["--help"]).contains("logits"));
+    let help = ok(&["generate", "--help"]);
+    assert!(
+        help.contains("--prompt-ids") && help.contains("--hf") && help.contains("--ignore-eos"),
+        "{help}"
+    );
+
+    // inspect DIR: the family, the mapping, the layers, the counts, the tensors read.
+    let out = ok(&["inspect", m]);
+    for want in [
+        "family qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        "num_experts_per_tok = ",
+        "layers:",
+        "moe (",
+        "parameters:",
+        "active per token",
+        "tensors read:",
+        "model.layers.0.mlp.shared_expert_gate.weight",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+
+    // With a tokenizer: a text prompt, eval on a file, fine-tuning, and the checkpoint reused.
+    std::fs::write(model.join("tokenizer.json"), char_tokenizer_json()).unwrap();
+    let out = ok(&["generate", "--hf", m, "--prompt", "To be", "--max-new-tokens", "5", "--seed", "1"]);
+    assert!(out.starts_with("To be"), "{out}");
+    let data = dir.join("data.txt");
+    let text: String =
+        (0..100).map(|i| format!("{i}: to be, or not to be, that is the question\n")).collect();
+    std::fs::write(&data, text).unwrap();
+    let d = data.to_str().unwrap();
+    let out = ok(&["eval", "--hf", m, "--data", d, "--seq-len", "16", "--batch-size", "2", "--steps", "2"]);
+    let line = out.lines().find(|l| l.starts_with("loss ")).unwrap_or_else(|| panic!("{out}"));
+    let loss: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{out}");
+
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let dataset = format!("trainer.dataset=\"{d}\"");
+    let mut args = vec!["train", "--hf", m, "--no-progress", "--out", r];
+    for s in [
+        "trainer.max_steps=3",
+        "trainer.warmup_steps=1",
+        "trainer.batch_size=2",
+        "trainer.seq_len=16",
+        "trainer.eval_every=3",
+        "trainer.eval_steps=1",
+        dataset.as_str(),
+    ] {
+        args.extend(["--set", s]);
+    }
+    let out = ok(&args);
+    assert!(out.contains("qwen2_moe") && out.contains("validation: loss"), "{out}");
+    // Resuming: the same command with --resume and more steps.
+    let more = [&args[..], &["--resume", "--set", "trainer.max_steps=4"]].concat();
+    let out = ok(&more);
+    assert!(out.contains("resuming") && out.contains("step-000004"), "{out}");
+    let e = fails(&["train", "--hf", m, "--set", "model.hidden_size=8"]);
+    assert!(e.contains("model.hidden_size") && e.contains("config.json"), "{e}");
+    let out = ok(&["generate", "--checkpoint", r, "--prompt", "To", "--max-new-tokens", "4"]);
+    assert!(out.starts_with("To"), "{out}");
+    let out = ok(&[
+        "generate",
+        "--checkpoint",
+        r,
+        "--prompt-ids",
+        "5,6",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(out.trim().split(',').count(), 5, "{out}");
+    let out = ok(&["eval", "--checkpoint", r, "--data", d, "--steps", "1"]);
+    assert!(out.contains("loss "), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn lab_runs_and_refuses_bad_input() {
+    let dir = temp_dir("lab");
+    let d = dir.to_str().unwrap();
+    let out = ok(&[
+        "lab",
+        "context-length",
+        "--quick",
+        "--no-progress",
+        "--out",
+        d,
+        "--set",
+        "mixers=attention_materialised,mamba1",
+        "--set",
+        "max_len=512",
+    ]);
+    assert!(out.contains("report.md") && out.contains(d), "{out}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    // The binary registers the counting allocator: memory is measured.
+    assert_eq!(results["results"]["memory_measured"], true, "{results}");
+    assert_eq!(results["results"]["mixers"].as_array().unwrap().len(), 2);
+    assert!(dir.join("report.md").is_file() && dir.join("time_forward_backward.svg").is_file());
+    let err = fails(&["lab", "context-lenght", "--quick", "--out", d]);
+    assert!(err.contains("unknown lab `context-lenght`") && err.contains("context-length"), "{err}");
+    let err = fails(&["lab", "context-length", "--quick", "--mem-budget", "1K", "--out", d]);
+    assert!(err.contains("--mem-budget") && err.contains("too small"), "{err}");
+    let err = fails(&["lab", "context-length", "--quick", "--set", "contxt=4", "--out", d]);
+    assert!(err.contains("unknown setting `contxt`"), "{err}");
+    // A size that does not parse is a usage error (status 2).
+    let out = moeba(&["lab", "context-length", "--mem-budget", "8Q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("8Q"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

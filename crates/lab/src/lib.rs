@@ -15,6 +15,7 @@
 //!
 //! May depend on moeba-train and everything below it.
 
+pub mod alloc;
 pub mod labs;
 pub mod machine;
 pub mod plot;
@@ -39,6 +40,9 @@ pub enum LabError {
     /// A config error.
     #[error(transparent)]
     Config(#[from] moeba_train::ConfigError),
+    /// A checkpoint (or metrics / plot file) that cannot be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] moeba_train::checkpoint::CheckpointError),
     /// Writing the results failed.
     #[error("{path}: {source}")]
     Io {

@@ -4,7 +4,10 @@ pub mod eval;
 pub mod experts;
 pub mod generate;
 pub mod inspect;
+pub mod lab;
+pub mod logits;
 pub mod train;
+pub mod train_hf;
 
 use std::path::{Path, PathBuf};
 

@@ -40,8 +40,12 @@ pub fn run(
     set: &[String],
     resume: bool,
     no_progress: bool,
+    hf: Option<&std::path::Path>,
 ) -> Result<()> {
-    let loaded = configs::load(config, set)?;
+    let mut loaded = configs::load(config, set)?;
+    if let Some(dir) = hf {
+        super::train_hf::configure(&mut loaded, dir, set)?;
+    }
     let mut cfg = loaded.config;
     let out = out.unwrap_or_else(|| PathBuf::from(&cfg.trainer.output_dir));
     cfg.trainer.output_dir = out.display().to_string();
