@@ -356,7 +356,7 @@ pub fn expert_report(run: &LoadedRun, data: &Dataset, max_tokens: usize) -> Resu
 }
 
 /// The first-choice expert per token from an assignment tensor `(T)` or `(T, k)` of U32 (or I64).
-fn first_choice(assign: &Tensor, tokens: usize) -> Result<Vec<u32>, TrainError> {
+pub fn first_choice(assign: &Tensor, tokens: usize) -> Result<Vec<u32>, TrainError> {
     let flat: Vec<u32> = match assign.dtype() {
         moeba_tensor::DType::U32 => assign.to_vec::<u32>()?,
         _ => assign

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use moeba_nn::hf::{load_weights, source_shapes, HfSpec, LoadReport, TensorSource};
 use moeba_nn::{FfnConfig, HybridConfig, HybridModel, ParamStore};
-use moeba_tensor::{DType, Device, Error, Result, Rng, Tensor};
+use moeba_tensor::{DType, Device, Error, Result, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
 use crate::config::{ConfigError, RunConfig, TrainerConfig};
-use crate::sampling::{sample_token, SampleOptions};
+use crate::sampling::SampleOptions;
 use crate::tokenizer::Tokenizer;
 use crate::trainer::TrainError;
 
@@ -569,39 +569,7 @@ pub fn generate_until(
     prompt_ids: &[u32],
     opts: &SampleOptions,
     stop: &[u32],
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> std::result::Result<Vec<u32>, TrainError> {
-    let bad = |key: &str, m: String| TrainError::Invalid { key: key.into(), msg: m };
-    if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) {
-        return Err(bad("temperature", format!("must be ≥ 0 (0 = greedy), got {}", opts.temperature)));
-    }
-    if prompt_ids.is_empty() {
-        return Err(bad("prompt", "is empty: give at least one token".into()));
-    }
-    let vocab = model.config().vocab_size;
-    if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(bad("prompt", format!("token id {id} is out of the model's vocabulary of {vocab}")));
-    }
-    let budget = opts.max_new_tokens;
-    if budget == 0 {
-        return Ok(Vec::new());
-    }
-    let _guard = moeba_autograd::no_grad();
-    let device = Device::Cpu;
-    let mut cache = model.new_cache(1, prompt_ids.len() + budget)?;
-    let ids = Tensor::from_vec(prompt_ids.to_vec(), (1, prompt_ids.len()), &device)?;
-    let mut logits = model.prefill(&ids, &mut cache)?;
-    let mut rng = Rng::new(opts.seed);
-    let mut out = Vec::with_capacity(budget);
-    loop {
-        let row = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec::<f32>()?;
-        let next = sample_token(&row, opts, &mut rng);
-        out.push(next);
-        on_token(next);
-        if out.len() == budget || stop.contains(&next) {
-            break;
-        }
-        logits = model.forward_step(&Tensor::from_vec(vec![next], 1, &device)?, &mut cache)?;
-    }
-    Ok(out)
+    crate::sampling::generate_ids_until(model, prompt_ids, opts, None, stop, on_token)
 }

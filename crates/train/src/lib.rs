@@ -25,7 +25,8 @@ pub use config::{ConfigError, ModelConfig, RecomputeLevel, RunConfig, TrainerCon
 pub use hf::{load_hf_model, HfDir, HfModel};
 pub use metrics::StepLog;
 pub use sampling::{
-    generate, generate_capped, generate_ids, generate_ids_capped, sample_token, SampleOptions,
+    generate, generate_capped, generate_ids, generate_ids_capped, generate_ids_until, sample_token,
+    SampleOptions,
 };
 pub use tokenizer::Tokenizer;
 pub use trainer::{

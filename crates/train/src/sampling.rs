@@ -151,6 +151,20 @@ pub fn generate_ids_capped(
     prompt_ids: &[u32],
     opts: &SampleOptions,
     max_len: Option<usize>,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, TrainError> {
+    generate_ids_until(model, prompt_ids, opts, max_len, &[], on_token)
+}
+
+/// [`generate_ids_capped`] that also stops after the first generated token found in `stop` (an
+/// end-of-sequence id; it is returned, as transformers' `generate` does). The one decoding loop
+/// every `generate*` function runs.
+pub fn generate_ids_until(
+    model: &HybridModel,
+    prompt_ids: &[u32],
+    opts: &SampleOptions,
+    max_len: Option<usize>,
+    stop: &[u32],
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>, TrainError> {
     check_options(opts)?;
@@ -186,7 +200,7 @@ pub fn generate_ids_capped(
         let next = sample_token(&row, opts, &mut rng);
         out.push(next);
         on_token(next);
-        if out.len() == budget {
+        if out.len() == budget || stop.contains(&next) {
             break;
         }
         logits = model.forward_step(&Tensor::from_vec(vec![next], 1, &device)?, &mut cache)?;

@@ -297,7 +297,7 @@ fn analyse(run: &LoadedRun, data: &Dataset, max_tokens: usize) -> Result<Analysi
         }
         for (layer, assign) in &out.assignments {
             let e = moe_layers.iter().find(|(i, _)| i == layer).map_or(0, |(_, e)| *e);
-            let first = first_choice(assign, count)?;
+            let first = moeba_train::experts::first_choice(assign, count)?;
             builder.add_assignments(*layer, e, &first, &ids_v, task_v.as_deref(), &text)?;
             if let Some((_, tally)) = tallies.iter_mut().find(|(i, _)| i == layer) {
                 for (j, (&ex, &id)) in first.iter().zip(&ids_v).enumerate() {
@@ -325,27 +325,6 @@ fn analyse(run: &LoadedRun, data: &Dataset, max_tokens: usize) -> Result<Analysi
     let mut frequency: Vec<(u32, usize)> = freq.into_iter().collect();
     frequency.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     Ok(Analysis { report, tallies, frequency, tasks: num_tasks })
-}
-
-/// The first-choice expert per token from an assignment tensor `(T)` or `(T, k)`.
-fn first_choice(assign: &Tensor, tokens: usize) -> Result<Vec<u32>> {
-    let flat: Vec<u32> = match assign.dtype() {
-        moeba_tensor::DType::U32 => assign.to_vec::<u32>()?,
-        _ => assign
-            .to_dtype(moeba_tensor::DType::I64)?
-            .to_vec::<i64>()?
-            .into_iter()
-            .map(|v| v.max(0) as u32)
-            .collect(),
-    };
-    if tokens == 0 || !flat.len().is_multiple_of(tokens) {
-        return Err(LabError::Msg(format!(
-            "lab `{LAB}`: an expert assignment of shape {:?} does not match {tokens} tokens",
-            assign.dims()
-        )));
-    }
-    let k = flat.len() / tokens;
-    Ok(flat.chunks(k).map(|c| c[0]).collect())
 }
 
 fn shares(counts: &[u64]) -> Vec<f64> {
