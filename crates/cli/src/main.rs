@@ -280,7 +280,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Restores the default action of SIGPIPE (terminate quietly), which the Rust runtime replaces
+/// with "ignore": without it `moeba inspect … | head` makes `println!` panic on the closed pipe
+/// instead of ending like any other Unix tool.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: called first in `main`, before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,8 +16,8 @@ use moeba_autograd::Var;
 use moeba_kernels::ops::{self, AttentionOptions, RopeOptions, RopeStyle, UnaryOp};
 use moeba_tensor::{Error, Result, Tensor};
 
-use crate::kv_cache::check_capacity;
 pub use crate::kv_cache::KvCache;
+use crate::kv_cache::{check_capacity, check_layer};
 use crate::{Linear, ParamPath, RmsNorm};
 
 /// Rotary position embedding of a layer: the frequency base and which features are paired.
@@ -295,18 +295,7 @@ impl Attention {
     }
 
     fn check_cache(&self, op: &'static str, cache: &KvCache, b: usize, l: usize) -> Result<()> {
-        if cache.layer() != self.name {
-            return Err(Error::invalid(
-                op,
-                "cache",
-                format!(
-                    "the cache belongs to layer `{}`, not to `{}`. HINT: keep one cache per layer \
-                     (Attention::new_cache)",
-                    cache.layer(),
-                    self.name
-                ),
-            ));
-        }
+        check_layer(op, cache.layer(), &self.name, "Attention::new_cache")?;
         let c = &self.cfg;
         let w = self.q_proj.weight.tensor();
         if cache.batch() != b

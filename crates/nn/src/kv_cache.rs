@@ -432,6 +432,22 @@ impl KvCache {
     }
 }
 
+/// The error for a cache of layer `cache_layer` handed to layer `layer`; `new_cache` names the
+/// constructor that makes the right one (in the hint).
+pub(crate) fn check_layer(op: &'static str, cache_layer: &str, layer: &str, new_cache: &str) -> Result<()> {
+    if cache_layer != layer {
+        return Err(Error::invalid(
+            op,
+            "cache",
+            format!(
+                "the cache belongs to layer `{cache_layer}`, not to `{layer}`. HINT: keep one cache per \
+                 layer ({new_cache})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The error for appending `n` tokens to a cache holding `len` of `capacity`.
 pub(crate) fn check_capacity(
     op: &'static str,

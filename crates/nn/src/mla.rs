@@ -21,7 +21,7 @@ use moeba_kernels::ops::{self, AttentionOptions};
 use moeba_tensor::{DType, Device, Error, Result, Tensor};
 
 use crate::attention::{check_dtype, check_input, layer_name, linear_tensor, rms_norm_tensor, RopeConfig};
-use crate::kv_cache::{check_capacity, SeqBuffer};
+use crate::kv_cache::{check_capacity, check_layer, SeqBuffer};
 use crate::{Linear, ParamPath, RmsNorm};
 
 /// Sizes and options of an [`Mla`] layer (HF DeepseekV2 config keys in brackets).
@@ -292,18 +292,7 @@ impl Mla {
     }
 
     fn check_cache(&self, op: &'static str, cache: &MlaCache, b: usize, l: usize) -> Result<()> {
-        if cache.layer() != self.name {
-            return Err(Error::invalid(
-                op,
-                "cache",
-                format!(
-                    "the cache belongs to layer `{}`, not to `{}`. HINT: keep one cache per layer \
-                     (Mla::new_cache)",
-                    cache.layer(),
-                    self.name
-                ),
-            ));
-        }
+        check_layer(op, cache.layer(), &self.name, "Mla::new_cache")?;
         let c = &self.cfg;
         let w = self.kv_b_proj.weight.tensor();
         if cache.batch() != b
