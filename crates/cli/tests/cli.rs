@@ -432,3 +432,23 @@ fn lab_runs_and_refuses_bad_input() {
     assert!(text(&out).1.contains("8Q"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reader that has gone (`moeba inspect … | head -0`) ends the command without a panic
+/// message: SIGPIPE keeps its default action.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(BIN)
+        .args(["inspect", "tiny-hybrid", "--context", "64"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run the moeba binary");
+    // Close the read end before the command prints its first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "moeba panicked on a closed pipe: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "exit status 101 (a panic); stderr: {stderr}");
+}
