@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use moeba_autograd::fused::attention::{attention, rope};
 use moeba_autograd::{check_gradients, GradCheckOptions, Var};
-use moeba_kernels::ops::{AttentionOptions, RopeOptions, RopeStyle};
+use moeba_kernels::ops::{self, AttentionOptions, RopeOptions, RopeScaling, RopeStyle, YarnScaling};
 use moeba_tensor::{DType, Device, Result, Tensor};
 
 fn randn(seed: u64, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
@@ -15,7 +15,7 @@ fn randn(seed: u64, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
 #[test]
 fn rope_gradcheck_both_styles() -> Result<()> {
     for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
-        let opts = RopeOptions { theta: 100.0, style, position_offset: 3 };
+        let opts = RopeOptions::new(100.0).with_style(style).with_offset(3);
         let x = randn(1, (2, 2, 5, 6))?;
         let r = check_gradients(|v| rope(&v[0], &opts), &[x], &GradCheckOptions::default())?;
         assert!(r.max_abs_err() < 1e-8, "{style:?}: {r:?}");
@@ -24,6 +24,31 @@ fn rope_gradcheck_both_styles() -> Result<()> {
         let r =
             check_gradients(|v| rope(&v[0].transpose(1, 2)?, &opts), &[xt], &GradCheckOptions::default())?;
         assert!(r.inputs[0].had_gradient && r.max_abs_err() < 1e-8, "{style:?} strided: {r:?}");
+    }
+    Ok(())
+}
+
+/// YaRN-scaled RoPE (blended frequencies and a cos/sin amplitude that is not 1): the CPU kernel
+/// against the plain reference in f64 and f32, and the backward (the transposed rotation times
+/// the amplitude) against central differences.
+#[test]
+fn rope_yarn_matches_reference_and_gradcheck() -> Result<()> {
+    let mut yarn = YarnScaling::new(4.0, 64);
+    yarn.attention_factor = 1.2;
+    for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
+        let opts =
+            RopeOptions::new(500.0).with_style(style).with_offset(7).with_scaling(RopeScaling::Yarn(yarn));
+        let x = randn(3, (1, 2, 9, 12))?;
+        let want = moeba_kernels::reference::attention::rope(&x, &opts)?.to_vec_f64()?;
+        let plain = ops::rope(&x, &opts.with_scaling(RopeScaling::None))?.to_vec_f64()?;
+        assert!(want.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "YaRN changed nothing");
+        for (dtype, tol) in [(DType::F64, 1e-13), (DType::F32, 1e-5)] {
+            let got = ops::rope(&x.to_dtype(dtype)?, &opts)?.to_vec_f64()?;
+            let err = got.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < tol, "{style:?} {dtype:?}: max error {err:.3e}");
+        }
+        let r = check_gradients(|v| rope(&v[0], &opts), &[x], &GradCheckOptions::default())?;
+        assert!(r.max_abs_err() < 1e-8, "{style:?} YaRN: {r:?}");
     }
     Ok(())
 }

@@ -67,7 +67,7 @@ fn rope_matches_fixture_f64_and_f32() {
     let Some(f) = fixture("rope.safetensors") else { return };
     let theta = f["theta"].to_vec_f64().unwrap()[0];
     let offset = f["positions"].to_vec_f64().unwrap()[0] as usize;
-    let opts = RopeOptions { theta, style: RopeStyle::RotateHalf, position_offset: offset };
+    let opts = RopeOptions::new(theta).with_offset(offset);
     for dtype in [DType::F64, DType::F32] {
         let x = f["x"].to_dtype(dtype).unwrap();
         let out = ops::rope(&x, &opts).unwrap();
@@ -122,7 +122,7 @@ fn attention_matches_gqa_decode_fixture() {
 fn rope_interleaved_and_inverse() -> Result<()> {
     let x = Tensor::randn(3, (2, 3, 7, 12), 0.0, 1.0, DType::F64, &Device::Cpu)?;
     for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
-        let opts = RopeOptions { theta: 500.0, style, position_offset: 5 };
+        let opts = RopeOptions::new(500.0).with_style(style).with_offset(5);
         let y = ops::rope(&x, &opts)?;
         assert_rel(&y, &reference::rope(&x, &opts)?, 1e-14, "rope vs reference");
         assert_rel(&ops::rope_backward(&y, &opts)?, &x, 1e-14, "inverse rotation");
@@ -138,7 +138,7 @@ fn rope_interleaved_and_inverse() -> Result<()> {
     }
     // The interleaved style pairs (2i, 2i+1): feature 1 of the first pair at position 1.
     let e0 = Tensor::from_vec(vec![1.0f64, 0.0, 0.0, 0.0], (1, 1, 1, 4), &Device::Cpu)?;
-    let opts = RopeOptions { theta: 10000.0, style: RopeStyle::Interleaved, position_offset: 1 };
+    let opts = RopeOptions::new(10000.0).with_style(RopeStyle::Interleaved).with_offset(1);
     let y = ops::rope(&e0, &opts)?.to_vec::<f64>()?;
     assert!((y[0] - 1f64.cos()).abs() < 1e-15 && (y[1] - 1f64.sin()).abs() < 1e-15 && y[2] == 0.0, "{y:?}");
     Ok(())
@@ -264,7 +264,7 @@ proptest! {
             Tensor::randn(seed, (b, h, l, 2 * half), 0.0, 1.0, dtype, &Device::Cpu).unwrap()
         };
         let style = if interleaved { RopeStyle::Interleaved } else { RopeStyle::RotateHalf };
-        let opts = RopeOptions { theta: 10000.0, style, position_offset: offset };
+        let opts = RopeOptions::new(10000.0).with_style(style).with_offset(offset);
         let tol = if f64_dtype { 1e-13 } else { 1e-6 };
         assert_rel(&ops::rope(&x, &opts).unwrap(), &reference::rope(&x, &opts).unwrap(), tol, "rope");
         assert_rel(&ops::rope_backward(&x, &opts).unwrap(), &reference::rope_backward(&x, &opts).unwrap(), tol, "rope_backward");
@@ -279,6 +279,10 @@ fn attention_on_every_simd_path() {
         (1, 1, 3, 5, 133, 17, 40, None),
         (2, 1, 2, 130, 130, 33, 8, Some(40)),
         (1, 2, 1, 1, 1, 2, 3, None),
+        // Four q heads per kv head (two stacks of two), 128-row stacked tiles plus a short
+        // last one, and a window that hides whole tiles from some rows.
+        (1, 1, 4, 131, 131, 64, 64, Some(70)),
+        (1, 2, 2, 200, 200, 64, 64, None),
     ];
     for_each_path(|path| {
         for (i, &(b, hkv, rep, lq, lk, dk, dv, window)) in shapes.iter().enumerate() {

@@ -13,7 +13,7 @@
 
 use moeba_autograd::fused::attention as fused;
 use moeba_autograd::Var;
-use moeba_kernels::ops::{self, AttentionOptions, RopeOptions, RopeStyle, UnaryOp};
+use moeba_kernels::ops::{self, AttentionOptions, RopeOptions, RopeScaling, RopeStyle, UnaryOp};
 use moeba_tensor::{Error, Result, Tensor};
 
 pub use crate::kv_cache::KvCache;
@@ -27,22 +27,29 @@ pub struct RopeConfig {
     pub theta: f64,
     /// Rotate-half (Llama, Mixtral, Qwen) or interleaved pairs (DeepSeek-V2).
     pub style: RopeStyle,
+    /// Frequency scaling for long contexts (YaRN in DeepSeek-V2 checkpoints; none by default).
+    pub scaling: RopeScaling,
 }
 
 impl RopeConfig {
     /// Rotate-half RoPE with base `theta`.
     pub fn rotate_half(theta: f64) -> Self {
-        RopeConfig { theta, style: RopeStyle::RotateHalf }
+        RopeConfig { theta, style: RopeStyle::RotateHalf, scaling: RopeScaling::None }
     }
 
     /// Interleaved-pair RoPE with base `theta` (DeepSeek-V2).
     pub fn interleaved(theta: f64) -> Self {
-        RopeConfig { theta, style: RopeStyle::Interleaved }
+        RopeConfig { theta, style: RopeStyle::Interleaved, scaling: RopeScaling::None }
+    }
+
+    /// The same RoPE with frequency scaling `scaling`.
+    pub fn with_scaling(self, scaling: RopeScaling) -> Self {
+        RopeConfig { scaling, ..self }
     }
 
     /// The kernel options with the first token at position `offset`.
     pub fn options(&self, offset: usize) -> RopeOptions {
-        RopeOptions { theta: self.theta, style: self.style, position_offset: offset }
+        RopeOptions::new(self.theta).with_style(self.style).with_offset(offset).with_scaling(self.scaling)
     }
 
     /// Errors (naming `op` and the key) unless theta is finite and positive.
@@ -54,7 +61,7 @@ impl RopeConfig {
                 format!("must be finite and > 0, got {}", self.theta),
             ));
         }
-        Ok(())
+        self.scaling.validate(op)
     }
 }
 

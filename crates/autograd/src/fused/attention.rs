@@ -1,5 +1,5 @@
 //! RoPE and causal attention on [`Var`](crate::Var)s: one tape node each, whose backward is
-//! [`ops::rope_backward`] (the inverse rotation) or [`ops::attention_backward`] (the tiled
+//! [`ops::rope_backward`] (the transposed rotation) or [`ops::attention_backward`] (the tiled
 //! FlashAttention-2 backward, recomputing the probabilities from the saved log-sum-exp).
 
 use moeba_kernels::ops::{self, AttentionOptions, AttentionOutput, RopeOptions};

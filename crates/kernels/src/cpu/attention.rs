@@ -5,19 +5,38 @@
 //! pass over the rows `(b, h, t)` in parallel; the inverse rotation (backward) negates `sin`.
 //!
 //! # Attention forward (FlashAttention-2 on the CPU)
-//! One task per (batch, q head, tile of [`BR`] queries), run with rayon. A task packs its queries
-//! (times `scale`) once, then walks the key tiles of [`BC`] keys that its rows can see (tiles
-//! fully hidden by the causal mask or the window are skipped, not computed):
+//! One task per (batch, stack of q heads, tile of [`BR`] queries), run with rayon. A stack is the
+//! q heads that share one kv head (GQA), up to two of them (`STACK_ROWS` = 128 rows): their
+//! queries (times `scale`) are packed once as one `(hs · BR) × dk` block, so every K/V tile a
+//! task loads serves all its heads (twice the rows per K/V byte at 2 q heads per kv head). The
+//! task then walks the key tiles of [`BC`] keys that its rows can see (tiles fully hidden by the
+//! causal mask or the window are skipped, not computed; only diagonal / window-edge tiles are
+//! masked):
 //! ```text
-//! pack Kᵀ tile (dk × BC) and V tile (BC × dv), zero-padded
-//! S = Q Kᵀ                       (BR × BC, the register-blocked micro-kernel below)
+//! Kᵀ is packed once per kv head in (dk × BC) tiles, zero-padded; V is read in place
+//! S = Q Kᵀ                       (rows × BC, the register-blocked micro-kernel below)
 //! mask S on diagonal / window-edge tiles (-inf)
 //! m' = max(m, rowmax S); P = e^(S - m'); l = l e^(m - m') + rowsum P; O = O e^(m - m') + P V
 //! ```
-//! and writes `O / l` and `lse = m + ln l`. The only buffers are per task (a few tiles, ~100 KB):
-//! memory beyond the output is `O(threads · tile)`. The q heads that share a kv head read the
-//! same K/V storage (no copies per head). Inputs whose feature dim has unit stride (e.g. a
-//! transposed `(b, l, h, d)` view) are read in place; others are copied once.
+//! and writes `O / l` and `lse = m + ln l`. The only buffers are per task (a few tiles, ~150 KB):
+//! memory beyond the output and the packed Kᵀ is `O(threads · tile)`, never `O(lq · lk)`. The q
+//! heads that share a kv head read the same K/V storage (no copies per head). Inputs whose
+//! feature dim has unit stride (e.g. a transposed `(b, l, h, d)` view) are read in place; others
+//! are copied once. Tasks run their query tiles longest first (the causal rows near the end see
+//! the most keys), so the short ones even out the threads' finishing times.
+//!
+//! `P = e^(S - m')` uses `exp_softmax`: the shared vector exp's reduction and polynomial
+//! with one `2^k` factor and a single clamp (arguments are `<= 0`; `-inf` gives exactly 0), about
+//! 20 vector operations per vector instead of 32.
+//!
+//! Measured (`RAYON_NUM_THREADS=1 target/release/xtask bench attention --variant 0`, min of 5;
+//! b=1, 8 q heads, 4 kv heads, d=64, causal, f32, AVX2+FMA path, Zen 3 shared with other builds;
+//! before = the tiles one q head at a time, run back to back with this code): l = 512 / 1024 /
+//! 2048 / 4096: 6.2 / 21.0 / 81.5 / 372 ms → 4.9 / 18.4 / 69.8 / 279 ms (1.27 / 1.14 / 1.17 /
+//! 1.33x; 62% of one core's FMA peak at l=2048). Forward+backward at l = 1024 / 2048
+//! (`examples/attn_bench --bwd`, min of 3, three alternating runs): 63 / 239 → 60 / 225 ms.
+//! The two gemms run at ~85% of the FMA peak; the exponentials take ~14% of the forward. See
+//! `benches/RESULTS.md` for the 2-thread figures against PyTorch's SDPA.
 //!
 //! # Attention backward
 //! `Δ = rowsum(dO ∘ O)` first. Then one task per (batch, kv head, chunk of key tiles): for each
@@ -31,10 +50,11 @@
 //!
 //! # Micro-kernel and SIMD
 //! Every product above is `C (+)= A · B` with `A` read through (row, column) strides (so `Pᵀ`,
-//! `dSᵀ` cost nothing) and `B` a packed, padded row-major tile: a 6/4/1-row by two-vector
-//! register block, written once over [`Vf32`] and run on the active SIMD path (AVX-512, AVX2+FMA,
-//! NEON or scalar; see [`super::simd`]). Row maxima and `e^(S - m)` use the same dispatch and
-//! the shared vector `exp`. f64 runs the same tiled algorithm with plain loops (it exists for
+//! `dSᵀ` cost nothing) and `B` a packed, padded row-major tile: a 6-row by two-vector register
+//! block (12 accumulators), with a 5/4/3/2/1-row tail chosen so that no tail splits into several
+//! load-bound single-row blocks (128 rows = 20 · 6 + 4 + 4), written once over [`Vf32`] and run
+//! on the active SIMD path (AVX-512, AVX2+FMA, NEON or scalar; see [`super::simd`]). Row maxima
+//! and `e^(S - m)` (forward and backward) use the same dispatch and `exp_softmax`. f64 runs the same tiled algorithm with plain loops (it exists for
 //! gradient checks and references); bf16/f16 are computed in f32.
 
 use moeba_tensor::{DType, Error, Result, Tensor, WithDType};
@@ -222,6 +242,32 @@ unsafe fn block<V: Vf32, const R: usize>(
     }
 }
 
+/// All the `R`-row blocks of rows `i..i + R` of C (every two-vector column strip).
+///
+/// # Safety
+/// As [`block`], for rows `i..i + R <= m` and every strip of `n` (a multiple of `2 · LANES`).
+#[inline(always)]
+unsafe fn row_strip<V: Vf32, const R: usize>(g: &Gemm<'_, f32>, i: usize, c: *mut f32) {
+    let w = 2 * V::LANES;
+    let (a, b) = (g.a.as_ptr(), g.b.as_ptr());
+    for j in (0..g.n).step_by(w) {
+        // SAFETY: rows i..i+R < m, columns j..j+w <= n, as checked by `Gemm::check`.
+        unsafe {
+            block::<V, R>(
+                g.k,
+                a.add(i * g.ars),
+                g.ars,
+                g.acs,
+                b.add(j),
+                g.ldb,
+                c.add(i * g.ldc + j),
+                g.ldc,
+                g.overwrite,
+            );
+        }
+    }
+}
+
 impl Kernel for GemmKernel<'_> {
     type Output = ();
     // Inlined into the `#[target_feature]` caller of `simd::dispatch` (else every vector op
@@ -229,58 +275,25 @@ impl Kernel for GemmKernel<'_> {
     #[inline(always)]
     unsafe fn run<V: Vf32>(self) {
         let g = self.0;
-        let w = 2 * V::LANES;
-        let (a, b, c) = (g.a.as_ptr(), g.b.as_ptr(), g.c.as_mut_ptr());
+        let c = g.c.as_mut_ptr();
         let mut i = 0;
-        // SAFETY (all blocks): rows i..i+R < m, columns j..j+w <= n, as checked by the caller.
+        // Six-row blocks (12 accumulators), and a tail of 5, 4 (+4), 3, 2 or 1 rows, so that no
+        // tail degenerates into several single-row (load-bound) blocks: 128 = 20·6 + 4 + 4.
+        // SAFETY (all strips): rows i..i+R <= m, as `Gemm::check` verified.
         unsafe {
-            while i + 6 <= g.m {
-                for j in (0..g.n).step_by(w) {
-                    block::<V, 6>(
-                        g.k,
-                        a.add(i * g.ars),
-                        g.ars,
-                        g.acs,
-                        b.add(j),
-                        g.ldb,
-                        c.add(i * g.ldc + j),
-                        g.ldc,
-                        g.overwrite,
-                    );
-                }
-                i += 6;
-            }
-            if i + 4 <= g.m {
-                for j in (0..g.n).step_by(w) {
-                    block::<V, 4>(
-                        g.k,
-                        a.add(i * g.ars),
-                        g.ars,
-                        g.acs,
-                        b.add(j),
-                        g.ldb,
-                        c.add(i * g.ldc + j),
-                        g.ldc,
-                        g.overwrite,
-                    );
-                }
-                i += 4;
-            }
             while i < g.m {
-                for j in (0..g.n).step_by(w) {
-                    block::<V, 1>(
-                        g.k,
-                        a.add(i * g.ars),
-                        g.ars,
-                        g.acs,
-                        b.add(j),
-                        g.ldb,
-                        c.add(i * g.ldc + j),
-                        g.ldc,
-                        g.overwrite,
-                    );
+                match g.m - i {
+                    1 => row_strip::<V, 1>(&g, i, c),
+                    2 => row_strip::<V, 2>(&g, i, c),
+                    3 => row_strip::<V, 3>(&g, i, c),
+                    4 | 7 | 8 => row_strip::<V, 4>(&g, i, c),
+                    5 => row_strip::<V, 5>(&g, i, c),
+                    _ => row_strip::<V, 6>(&g, i, c),
                 }
-                i += 1;
+                i += match g.m - i {
+                    4 | 7 | 8 => 4,
+                    r => r.min(6),
+                };
             }
         }
     }
@@ -315,6 +328,31 @@ impl Kernel for RowsMax<'_> {
     }
 }
 
+/// `e^x` for the softmax's `x = s - shift <= 88` (in practice `<= 0`): the shared [`simd::exp`]'s
+/// reduction and polynomial with a single `2^k` factor and a cheaper clamp. `x <= -88` (and
+/// `-inf`, a masked score) gives exactly 0 (`k = -127` builds the zero float), results below
+/// `2^-126` flush to 0, NaN stays NaN. About 20 vector operations instead of 32.
+///
+/// # Safety
+/// As every [`Vf32`] method: only inside code running on a path that supports `V`.
+#[inline(always)]
+unsafe fn exp_softmax<V: Vf32>(x: V) -> V {
+    unsafe {
+        let x = x.max(V::splat(-88.0));
+        let k = x.mul(V::splat(std::f32::consts::LOG2_E)).round();
+        let r = k.fma(V::splat(-0.693_359_4), x);
+        let r = k.fma(V::splat(2.121_944_4e-4), r);
+        let mut p = V::splat(1.987_569_1e-4);
+        p = p.fma(r, V::splat(1.398_2e-3));
+        p = p.fma(r, V::splat(8.333_452e-3));
+        p = p.fma(r, V::splat(4.166_579_6e-2));
+        p = p.fma(r, V::splat(0.166_666_65));
+        p = p.fma(r, V::splat(0.5));
+        let y = p.fma(r.mul(r), r.add(V::splat(1.0)));
+        y.mul(k.pow2i())
+    }
+}
+
 /// [`FlashElem::rows_exp`] for f32.
 struct RowsExp<'a> {
     s: &'a mut [f32],
@@ -338,7 +376,7 @@ impl Kernel for RowsExp<'_> {
                 let sh = V::splat(self.shift[i]);
                 let mut acc = V::splat(0.0);
                 for j in (0..self.n).step_by(V::LANES) {
-                    let e = simd::exp(V::load(p.add(j)).sub(sh));
+                    let e = exp_softmax(V::load(p.add(j)).sub(sh));
                     e.store(p.add(j));
                     acc = acc.add(e);
                 }
@@ -439,16 +477,9 @@ fn rope_t<T: WithDType + Float>(x: &Tensor, opts: &RopeOptions, inverse: bool) -
         return Tensor::zeros(dims, T::DTYPE, x.device());
     }
     // cos/sin per (position, pair), in f64 then rounded once.
-    let mut cos = Vec::with_capacity(l * half);
-    let mut sin = Vec::with_capacity(l * half);
-    for t in 0..l {
-        for i in 0..half {
-            let (c, s) =
-                crate::reference::attention::rope_angle(opts.position_offset + t, i, dim, opts.theta);
-            cos.push(T::from_f64(c));
-            sin.push(T::from_f64(if inverse { -s } else { s }));
-        }
-    }
+    let (cos, sin) = opts.cos_sin_table(l, dim);
+    let cos: Vec<T> = cos.into_iter().map(T::from_f64).collect();
+    let sin: Vec<T> = sin.into_iter().map(|s| T::from_f64(if inverse { -s } else { s })).collect();
     let xr = readable::<T>(x)?;
     let rows = Rows::<T>::new(&xr)?;
     let mut out = vec![T::zero(); n];
@@ -642,29 +673,41 @@ fn forward<T: FlashElem>(
     // V is read in place when its rows are already padded-width (dv a multiple of PAD).
     let v_in_place = d.dv.is_multiple_of(PAD) && d.dv > 0 && vr.st[2] >= d.dv;
     let q_tiles = d.lq.div_ceil(BR);
-    let n_tasks = d.b * d.hq * q_tiles;
+    // q heads per task: the heads that share a kv head are stacked (`hs · BR` rows against each
+    // K/V tile, so every tile loaded serves them all), up to STACK_ROWS rows.
+    let hs = heads_per_task(rep);
+    let stacks = d.hq / hs;
+    let n_tasks = d.b * stacks * q_tiles;
     let (out_p, lse_p) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     let work = d.b * d.hq * d.lq * d.lk.max(1) * (d.dk + d.dv + 4);
     for_each_task(n_tasks, work, |task| {
-        let (bh, qtile) = (task / q_tiles, task % q_tiles);
-        let (bi, h) = (bh / d.hq, bh % d.hq);
-        let g = h / rep;
+        // Long (late) query tiles first: tasks run in index order per thread, and the short
+        // ones at the end even out the threads' finishing times.
+        let (st, qtile) = (task / q_tiles, q_tiles - 1 - task % q_tiles);
+        let (bi, h0) = (st / stacks, (st % stacks) * hs);
+        let g = h0 / rep;
         let i0 = qtile * BR;
         let m = BR.min(d.lq - i0);
+        let rows = hs * m;
         let mut bufs = FwdBufs {
-            q: vec![T::zero(); BR * dkp],
+            q: vec![T::zero(); rows * dkp],
             v: if v_in_place { Vec::new() } else { vec![T::zero(); BC * dvp] },
-            s: vec![T::zero(); BR * BC],
-            o: vec![T::zero(); BR * dvp],
-            m: vec![T::neg_infinity(); BR],
-            l: vec![T::zero(); BR],
-            mx: vec![T::zero(); BR],
-            shift: vec![T::zero(); BR],
-            sums: vec![T::zero(); BR],
+            s: vec![T::zero(); rows * BC],
+            o: vec![T::zero(); rows * dvp],
+            m: vec![T::neg_infinity(); rows],
+            l: vec![T::zero(); rows],
+            mx: vec![T::zero(); rows],
+            shift: vec![T::zero(); rows],
+            sums: vec![T::zero(); rows],
         };
-        for i in 0..m {
-            for (dst, &x) in bufs.q[i * dkp..i * dkp + d.dk].iter_mut().zip(qr.row(bi, h, i0 + i)) {
-                *dst = x * scale;
+        // Stacked row hh·m + i is query i0 + i of head h0 + hh.
+        for hh in 0..hs {
+            for i in 0..m {
+                let r = hh * m + i;
+                let dst = &mut bufs.q[r * dkp..r * dkp + d.dk];
+                for (dst, &x) in dst.iter_mut().zip(qr.row(bi, h0 + hh, i0 + i)) {
+                    *dst = x * scale;
+                }
             }
         }
         let kt_head = &ktp[(bi * d.hkv + g) * kt_per..(bi * d.hkv + g + 1) * kt_per];
@@ -676,24 +719,39 @@ fn forward<T: FlashElem>(
             let nk = BC.min(jhi - j0);
             let ncols = round_up(nk, PAD);
             let tile = KeyTile { j0, nk, ncols, kt: &kt_head[j0 * d.dk..], ldk: BC };
-            fwd_tile(&mut bufs, &tile, &vr, v_in_place, bi, g, i0, m, d, &mask, dkp, dvp);
+            let q_rows = QRows { i0, m, hs };
+            fwd_tile(&mut bufs, &tile, &vr, v_in_place, bi, g, &q_rows, d, &mask, dvp);
             j0 += BC;
         }
-        // SAFETY: task (bh, qtile) owns rows i0..i0+m of head bh in both outputs.
-        let (o_out, l_out) =
-            unsafe { (out_p.slice((bh * d.lq + i0) * d.dv, m * d.dv), lse_p.slice(bh * d.lq + i0, m)) };
-        for i in 0..m {
-            let l = bufs.l[i];
-            if l > T::zero() {
-                let inv = T::one() / l;
-                for (dst, &o) in o_out[i * d.dv..(i + 1) * d.dv].iter_mut().zip(&bufs.o[i * dvp..]) {
-                    *dst = o * inv;
+        for hh in 0..hs {
+            let bh = bi * d.hq + h0 + hh;
+            // SAFETY: task (bi, stack, qtile) owns rows i0..i0+m of its heads in both outputs.
+            let (o_out, l_out) =
+                unsafe { (out_p.slice((bh * d.lq + i0) * d.dv, m * d.dv), lse_p.slice(bh * d.lq + i0, m)) };
+            for i in 0..m {
+                let r = hh * m + i;
+                let l = bufs.l[r];
+                if l > T::zero() {
+                    let inv = T::one() / l;
+                    let src = &bufs.o[r * dvp..];
+                    for (dst, &o) in o_out[i * d.dv..(i + 1) * d.dv].iter_mut().zip(src) {
+                        *dst = o * inv;
+                    }
+                    l_out[i] = bufs.m[r] + l.ln();
                 }
-                l_out[i] = bufs.m[i] + l.ln();
             }
         }
     });
     Ok((out, lse))
+}
+
+/// Rows of C the forward stacks per task (the q heads of one kv head, `BR` queries each).
+const STACK_ROWS: usize = 2 * BR;
+
+/// How many q heads of a kv group one forward task stacks: the largest divisor of `rep` with
+/// `heads · BR <= STACK_ROWS`.
+fn heads_per_task(rep: usize) -> usize {
+    (1..=(STACK_ROWS / BR).min(rep)).rev().find(|h| rep.is_multiple_of(*h)).unwrap_or(1)
 }
 
 /// One key tile of the forward: keys `[j0, j0 + nk)`, `ncols` padded columns, and its Kᵀ block
@@ -706,6 +764,13 @@ struct KeyTile<'a, T> {
     ldk: usize,
 }
 
+/// The query rows of a forward task: queries `[i0, i0 + m)` of `hs` stacked heads.
+struct QRows {
+    i0: usize,
+    m: usize,
+    hs: usize,
+}
+
 /// One key tile of one query tile (see the module docs).
 #[allow(clippy::too_many_arguments)]
 fn fwd_tile<T: FlashElem>(
@@ -715,16 +780,17 @@ fn fwd_tile<T: FlashElem>(
     v_in_place: bool,
     bi: usize,
     g: usize,
-    i0: usize,
-    m: usize,
+    qr: &QRows,
     d: &AttentionDims,
     mask: &Mask,
-    dkp: usize,
     dvp: usize,
 ) {
     let (j0, nk, ncols) = (t.j0, t.nk, t.ncols);
+    let (i0, m) = (qr.i0, qr.m);
+    let rows = qr.hs * m;
+    let dkp = b.q.len() / rows;
     T::gemm(Gemm {
-        m,
+        m: rows,
         n: ncols,
         k: d.dk,
         a: &b.q,
@@ -737,22 +803,24 @@ fn fwd_tile<T: FlashElem>(
         overwrite: true,
     });
     if nk < ncols || !mask.full(i0, i0 + m, j0, j0 + nk) {
-        mask.apply(&mut b.s, m, i0, j0, nk, ncols, BC);
+        for hh in 0..qr.hs {
+            mask.apply(&mut b.s[hh * m * BC..], m, i0, j0, nk, ncols, BC);
+        }
     }
-    T::rows_max(&b.s, m, ncols, BC, &mut b.mx);
-    for i in 0..m {
-        let (old, new) = (b.m[i], b.m[i].max(b.mx[i]));
-        b.shift[i] = if new == T::neg_infinity() { T::zero() } else { new };
+    T::rows_max(&b.s, rows, ncols, BC, &mut b.mx);
+    for r in 0..rows {
+        let (old, new) = (b.m[r], b.m[r].max(b.mx[r]));
+        b.shift[r] = if new == T::neg_infinity() { T::zero() } else { new };
         let alpha = if old == T::neg_infinity() { T::zero() } else { (old - new).exp() };
-        b.m[i] = new;
-        b.mx[i] = alpha;
+        b.m[r] = new;
+        b.mx[r] = alpha;
     }
-    T::rows_exp(&mut b.s, m, ncols, BC, &b.shift, &mut b.sums);
-    for i in 0..m {
-        let alpha = b.mx[i];
-        b.l[i] = b.l[i] * alpha + b.sums[i];
+    T::rows_exp(&mut b.s, rows, ncols, BC, &b.shift, &mut b.sums);
+    for r in 0..rows {
+        let alpha = b.mx[r];
+        b.l[r] = b.l[r] * alpha + b.sums[r];
         if alpha != T::one() {
-            b.o[i * dvp..(i + 1) * dvp].iter_mut().for_each(|o| *o = *o * alpha);
+            b.o[r * dvp..(r + 1) * dvp].iter_mut().for_each(|o| *o = *o * alpha);
         }
     }
     let (vb, ldv): (&[T], usize) = if v_in_place {
@@ -765,7 +833,7 @@ fn fwd_tile<T: FlashElem>(
         (&b.v, dvp)
     };
     T::gemm(Gemm {
-        m,
+        m: rows,
         n: dvp,
         k: nk,
         a: &b.s,

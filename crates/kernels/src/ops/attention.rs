@@ -12,6 +12,8 @@
 
 use moeba_tensor::{DType, Device, Error, Result, Tensor};
 
+use super::RopeScaling;
+
 /// Which pairs of features RoPE rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RopeStyle {
@@ -22,7 +24,9 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// Settings of [`rope`]: pair `i` of a token at position `p` turns by `p · theta^(-2i/dim)`.
+/// Settings of [`rope`]: pair `i` of a token at position `p` turns by `p · theta^(-2i/dim)`
+/// (with [`RopeScaling::Yarn`]: by `p · inv_freq_i` from YaRN's blended frequencies, and cos and
+/// sin are multiplied by its attention factor).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeOptions {
     /// The base of the frequencies (`rope_theta`, 10000 in Llama 2).
@@ -31,12 +35,14 @@ pub struct RopeOptions {
     pub style: RopeStyle,
     /// Position of the first token (the cache length when decoding).
     pub position_offset: usize,
+    /// Frequency scaling for long contexts (none by default).
+    pub scaling: RopeScaling,
 }
 
 impl RopeOptions {
-    /// Rotate-half RoPE with base `theta`, starting at position 0.
+    /// Rotate-half RoPE with base `theta`, starting at position 0, unscaled.
     pub fn new(theta: f64) -> Self {
-        RopeOptions { theta, style: RopeStyle::RotateHalf, position_offset: 0 }
+        RopeOptions { theta, style: RopeStyle::RotateHalf, position_offset: 0, scaling: RopeScaling::None }
     }
 
     /// The same settings with the first token at `offset`.
@@ -47,6 +53,28 @@ impl RopeOptions {
     /// The same settings with another pairing.
     pub fn with_style(self, style: RopeStyle) -> Self {
         RopeOptions { style, ..self }
+    }
+
+    /// The same settings with another frequency scaling.
+    pub fn with_scaling(self, scaling: RopeScaling) -> Self {
+        RopeOptions { scaling, ..self }
+    }
+
+    /// `(cos, sin)` of every `(position, pair)` of `l` tokens from [`RopeOptions::position_offset`]
+    /// in a `dim`-wide head, row-major `(l, dim / 2)`, amplitude included, in f64.
+    pub fn cos_sin_table(&self, l: usize, dim: usize) -> (Vec<f64>, Vec<f64>) {
+        let inv = self.scaling.inv_freqs(dim, self.theta);
+        let amp = self.scaling.amplitude();
+        let (mut cos, mut sin) = (Vec::with_capacity(l * inv.len()), Vec::with_capacity(l * inv.len()));
+        for t in 0..l {
+            let pos = (self.position_offset + t) as f64;
+            for f in &inv {
+                let a = pos * f;
+                cos.push(amp * a.cos());
+                sin.push(amp * a.sin());
+            }
+        }
+        (cos, sin)
     }
 }
 
@@ -147,7 +175,7 @@ pub fn check_rope(op: &'static str, x: &Tensor, opts: &RopeOptions) -> Result<()
     if !(opts.theta.is_finite() && opts.theta > 0.0) {
         return Err(Error::invalid(op, "theta", format!("must be finite and > 0, got {}", opts.theta)));
     }
-    Ok(())
+    opts.scaling.validate(op)
 }
 
 /// Rotary position embedding of `x (b, h, l, dim)` (any strides, e.g. a transposed view of
@@ -162,8 +190,9 @@ pub fn rope(x: &Tensor, opts: &RopeOptions) -> Result<Tensor> {
     }
 }
 
-/// The backward of [`rope`]: `grad_out (b, h, l, dim)` turned by the inverse rotation (RoPE is
-/// orthogonal, so this is also the inverse of [`rope`]). Output: contiguous, grad_out's dtype.
+/// The backward of [`rope`]: `grad_out (b, h, l, dim)` turned by the inverse rotation, times the
+/// scaling's amplitude (plain RoPE is orthogonal, so this is also the inverse of [`rope`]; under
+/// YaRN it is the inverse up to the amplitude squared). Output: contiguous, grad_out's dtype.
 pub fn rope_backward(grad_out: &Tensor, opts: &RopeOptions) -> Result<Tensor> {
     check_rope("rope_backward", grad_out, opts)?;
     match grad_out.device() {

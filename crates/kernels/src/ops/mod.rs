@@ -14,12 +14,14 @@ use moeba_tensor::{DType, Device, Error, Result, Tensor};
 mod attention;
 mod conv1d;
 mod moe;
+mod rope_scaling;
 mod selective_scan;
 mod ssd;
 
 pub use attention::*;
 pub use conv1d::*;
 pub use moe::*;
+pub use rope_scaling::*;
 pub use selective_scan::*;
 pub use ssd::*;
 

@@ -11,13 +11,6 @@ use crate::ops::{
     check_attention, check_rope, AttentionDims, AttentionOptions, AttentionOutput, RopeOptions, RopeStyle,
 };
 
-/// `(cos, sin)` of the angle of pair `i` at position `pos`: `pos · theta^(-2i/dim)`.
-pub fn rope_angle(pos: usize, i: usize, dim: usize, theta: f64) -> (f64, f64) {
-    let inv_freq = theta.powf(-((2 * i) as f64) / dim as f64);
-    let a = pos as f64 * inv_freq;
-    (a.cos(), a.sin())
-}
-
 /// The feature indices `(first, second)` of pair `i` in a head of `dim` features.
 pub fn rope_pair(style: RopeStyle, i: usize, dim: usize) -> (usize, usize) {
     match style {
@@ -33,11 +26,13 @@ fn rope_impl(x: &Tensor, opts: &RopeOptions, inverse: bool) -> Result<Tensor> {
     let xv = x.to_vec_f64()?;
     let mut out = vec![0.0; xv.len()];
     let rows = xv.len().checked_div(dim).unwrap_or(0);
+    let inv_freqs = opts.scaling.inv_freqs(dim, opts.theta);
+    let amp = opts.scaling.amplitude();
     for r in 0..rows {
         let t = r % l;
-        let pos = opts.position_offset + t;
-        for i in 0..dim / 2 {
-            let (c, s) = rope_angle(pos, i, dim, opts.theta);
+        let pos = (opts.position_offset + t) as f64;
+        for (i, f) in inv_freqs.iter().enumerate() {
+            let (c, s) = ((pos * f).cos() * amp, (pos * f).sin() * amp);
             let s = if inverse { -s } else { s };
             let (a, b) = rope_pair(opts.style, i, dim);
             let (xa, xb) = (xv[r * dim + a], xv[r * dim + b]);

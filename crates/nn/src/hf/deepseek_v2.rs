@@ -86,7 +86,10 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
             ));
         }
     }
-    let theta = c.rope_theta(10000.0)?;
+    let rope = c.rope(10000.0)?;
+    let theta = rope.theta;
+    // YaRN's mscale_all_dim changes the softmax scale; without it the default 1/√qk_head_dim stays.
+    let scale = rope.mscale_all_dim.map(|_| rope.deepseek_softmax_scale(nope + d_rope));
     let mla = MlaConfig {
         d_model: d,
         num_heads,
@@ -95,14 +98,17 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
         qk_nope_head_dim: nope,
         d_rope,
         v_head_dim,
-        rope: RopeConfig::interleaved(theta),
+        rope: RopeConfig::interleaved(theta).with_scaling(rope.scaling),
         norm_eps: LATENT_NORM_EPS,
-        softmax_scale: None,
+        softmax_scale: scale,
+    };
+    let scale_note = match scale {
+        Some(s) => format!("{s} (1/sqrt({}) times YaRN's mscale_all_dim correction squared)", nope + d_rope),
+        None => format!("1/sqrt({})", nope + d_rope),
     };
     c.note(format!(
         "attention -> MLA on every layer: RoPE on interleaved pairs (base {theta}), softmax scale \
-         1/sqrt({}), latent norms eps {LATENT_NORM_EPS}",
-        nope + d_rope
+         {scale_note}, latent norms eps {LATENT_NORM_EPS}"
     ));
 
     // Feed-forward: dense MLP layers, then MoE layers.

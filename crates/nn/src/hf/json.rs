@@ -4,6 +4,8 @@
 use moeba_tensor::{Error, Result};
 use serde_json::Value;
 
+use moeba_kernels::ops::{yarn_mscale, RopeScaling, YarnScaling};
+
 /// A parsed `config.json` object. Every getter records `key = value` in the mapping; errors
 /// name the key, what was found and what was expected.
 #[derive(Debug)]
@@ -160,32 +162,119 @@ impl<'a> HfJson<'a> {
         Ok(s)
     }
 
-    /// RoPE's base: `rope_parameters.rope_theta` (transformers 5) or `rope_theta` (older
-    /// configs), `default` when neither is present. A `rope_type` other than `default` (or a
-    /// non-null `rope_scaling`) is an error: moeba implements plain RoPE only.
-    pub fn rope_theta(&mut self, default: f64) -> Result<f64> {
-        if let Some(p) = self.raw("rope_parameters") {
-            let obj = p.as_object().ok_or_else(|| Self::bad("rope_parameters", p, "an object"))?;
-            if let Some(t) = obj.get("rope_type").filter(|t| !t.is_null()) {
-                if t.as_str() != Some("default") {
-                    return Err(Error::Msg(format!(
-                        "HF config: `rope_parameters.rope_type` = {t} is not supported; moeba implements \"default\" RoPE only"
-                    )));
+    /// RoPE's base and scaling: `rope_parameters` (transformers 5: `rope_type`, `rope_theta` and
+    /// the scaling keys in one object) or `rope_scaling` + `rope_theta` (older configs); base
+    /// `default_theta` when none is given. `rope_type` `"default"` (or no scaling) is plain RoPE,
+    /// `"yarn"` is [`YarnScaling`] with HF's defaults and derivations; any other type is an error
+    /// naming it.
+    pub fn rope(&mut self, default_theta: f64) -> Result<HfRope> {
+        let params = match self.raw("rope_parameters") {
+            Some(p) => Some((
+                "rope_parameters",
+                p.as_object().ok_or_else(|| Self::bad("rope_parameters", p, "an object"))?,
+            )),
+            None => match self.raw("rope_scaling") {
+                Some(p) => Some((
+                    "rope_scaling",
+                    p.as_object().ok_or_else(|| Self::bad("rope_scaling", p, "an object"))?,
+                )),
+                None => None,
+            },
+        };
+        let get = |k: &str| params.and_then(|(_, o)| o.get(k)).filter(|v| !v.is_null());
+        let num = |k: &str| -> Result<Option<f64>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => {
+                    let key = format!("{}.{k}", params.map_or("", |p| p.0));
+                    v.as_f64().map(Some).ok_or_else(|| Self::bad(&key, v, "a number"))
                 }
             }
-            if let Some(theta) = obj.get("rope_theta").filter(|t| !t.is_null()) {
-                let th = theta
-                    .as_f64()
-                    .ok_or_else(|| Self::bad("rope_parameters.rope_theta", theta, "a number"))?;
-                self.note(format!("rope_parameters.rope_theta = {th} -> RoPE base"));
-                return Ok(th);
+        };
+        let theta = match num("rope_theta")? {
+            Some(th) => {
+                self.note(format!("{}.rope_theta = {th} -> RoPE base", params.map_or("", |p| p.0)));
+                th
             }
+            None => self.f64_or("rope_theta", default_theta)?,
+        };
+        let kind = match get("rope_type").or_else(|| get("type")) {
+            None => "default".to_string(),
+            Some(t) => t.as_str().ok_or_else(|| Self::bad("rope_type", t, "a string"))?.to_string(),
+        };
+        let section = params.map_or("rope_parameters", |p| p.0);
+        match kind.as_str() {
+            "default" => Ok(HfRope { theta, scaling: RopeScaling::None, mscale_all_dim: None }),
+            "yarn" => {
+                let original = match get("original_max_position_embeddings") {
+                    Some(v) => v.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                        Self::bad(&format!("{section}.original_max_position_embeddings"), v, "a positive integer")
+                    })? as usize,
+                    None => return Err(Self::missing(&format!("{section}.original_max_position_embeddings"))),
+                };
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    // DeepSeek-V3 style: the factor is the ratio of the two context lengths.
+                    None => self.f64("max_position_embeddings")? / original as f64,
+                };
+                let mscale = num("mscale")?.filter(|&m| m != 0.0);
+                let mscale_all_dim = num("mscale_all_dim")?.filter(|&m| m != 0.0);
+                let attention_factor = match (num("attention_factor")?, mscale, mscale_all_dim) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(ma)) => yarn_mscale(factor, m) / yarn_mscale(factor, ma),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                let truncate = match get("truncate") {
+                    None => true,
+                    Some(v) => v.as_bool().ok_or_else(|| Self::bad(&format!("{section}.truncate"), v, "true or false"))?,
+                };
+                let yarn = YarnScaling {
+                    factor,
+                    original_max_position: original,
+                    beta_fast: num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                    truncate,
+                    attention_factor,
+                };
+                yarn.validate("HF config").map_err(|e| Error::Msg(format!("HF config: `{section}`: {e}")))?;
+                self.note(format!(
+                    "{section}: yarn, factor {factor}, original context {original}, beta {}/{}, attention factor \
+                     {attention_factor} -> YaRN RoPE",
+                    yarn.beta_fast, yarn.beta_slow
+                ));
+                Ok(HfRope { theta, scaling: RopeScaling::Yarn(yarn), mscale_all_dim })
+            }
+            other => Err(Error::Msg(format!(
+                "HF config: `{section}.rope_type` = \"{other}\" is not supported; moeba implements \"default\" \
+                 and \"yarn\" RoPE"
+            ))),
         }
-        if let Some(s) = self.raw("rope_scaling") {
-            return Err(Error::Msg(format!(
-                "HF config: `rope_scaling` = {s} is not supported; moeba implements unscaled RoPE only"
-            )));
+    }
+}
+
+/// RoPE as an HF config describes it (see [`HfJson::rope`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HfRope {
+    /// The frequency base.
+    pub theta: f64,
+    /// Plain or YaRN.
+    pub scaling: RopeScaling,
+    /// YaRN's `mscale_all_dim`, when set and non-zero: DeepSeek-V2 multiplies its softmax scale by
+    /// `yarn_mscale(factor, mscale_all_dim)²`.
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl HfRope {
+    /// DeepSeek-V2's softmax scale for a `qk_head_dim`-wide score: `1/√qk_head_dim`, times
+    /// `yarn_mscale(factor, mscale_all_dim)²` under YaRN with a non-zero `mscale_all_dim`.
+    pub fn deepseek_softmax_scale(&self, qk_head_dim: usize) -> f64 {
+        let base = 1.0 / (qk_head_dim as f64).sqrt();
+        match (self.scaling, self.mscale_all_dim) {
+            (RopeScaling::Yarn(y), Some(m)) => {
+                let ms = yarn_mscale(y.factor, m);
+                base * ms * ms
+            }
+            _ => base,
         }
-        self.f64_or("rope_theta", default)
     }
 }

@@ -29,7 +29,7 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
     let experts = c.usize_or("num_local_experts", 8)?;
     let k = c.usize_or("num_experts_per_tok", 2)?;
     let norm_eps = c.f64_or("rms_norm_eps", 1e-5)?;
-    let theta = c.rope_theta(1e6)?;
+    let rope = c.rope(1e6)?;
     let window = c.opt_usize("sliding_window")?.filter(|&w| w > 0);
     match window {
         Some(w) => c.note(format!(
@@ -55,7 +55,7 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
     c.note(format!("mixtral -> {layers} x (attention + MoE top-{k} of {experts}, renormalised)"));
 
     let mut attn = AttentionConfig::new(d, heads, kv_heads, head_dim);
-    attn.rope = Some(RopeConfig::rotate_half(theta));
+    attn.rope = Some(RopeConfig::rotate_half(rope.theta).with_scaling(rope.scaling));
     attn.window = window;
     let mut moe = MoeConfig::new(d, f, experts, k);
     moe.normalize_topk = true;

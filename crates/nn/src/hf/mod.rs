@@ -34,7 +34,7 @@ mod mamba2;
 mod mixtral;
 mod qwen2_moe;
 
-pub use json::HfJson;
+pub use json::{HfJson, HfRope};
 
 /// The HF model families moeba loads (`model_type` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

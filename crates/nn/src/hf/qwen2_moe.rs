@@ -27,7 +27,7 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
     let kv_heads = c.usize_or("num_key_value_heads", heads)?;
     let head_dim = head_dim(c, d, heads)?;
     let norm_eps = c.f64_or("rms_norm_eps", 1e-6)?;
-    let theta = c.rope_theta(10000.0)?;
+    let rope = c.rope(10000.0)?;
     let qkv_bias = c.bool_or("qkv_bias", true)?;
     let tie = c.bool_or("tie_word_embeddings", false)?;
 
@@ -65,7 +65,7 @@ pub(super) fn config(c: &mut HfJson) -> Result<HybridConfig> {
     let mut blocks = Vec::with_capacity(layers);
     for i in 0..layers {
         let mut attn = AttentionConfig::new(d, heads, kv_heads, head_dim);
-        attn.rope = Some(RopeConfig::rotate_half(theta));
+        attn.rope = Some(RopeConfig::rotate_half(rope.theta).with_scaling(rope.scaling));
         attn.bias = qkv_bias;
         attn.o_bias = false;
         attn.window = windows[i];

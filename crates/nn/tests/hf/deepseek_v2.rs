@@ -173,9 +173,9 @@ fn unsupported_config_values_are_errors_naming_the_key() {
     });
     assert!(e.contains("topk_group"), "{e}");
     let e = config_error(|m| {
-        m.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}));
+        m.insert("rope_parameters".into(), serde_json::json!({"rope_type": "dynamic", "rope_theta": 1e4}));
     });
-    assert!(e.contains("rope_type"), "{e}");
+    assert!(e.contains("rope_type") && e.contains("dynamic"), "{e}");
     let e = config_error(|m| {
         m.remove("kv_lora_rank");
     });
@@ -406,4 +406,73 @@ fn group_limited_moe_layer_validates_and_routes_in_the_kept_groups() {
     assert_eq!(y.stats.counts, counts);
     let grads = y.out.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&gate.var()).is_some(), "no gradient reached the router");
+}
+
+/// The `deepseek_v2` model with YaRN RoPE (factor 2 on an original context of 1024, mscale
+/// 0.707, mscale_all_dim 1.0): this repository's fixture (`fixtures/deepseek_v2_yarn`, made by
+/// its `generate.py` with transformers) over the shared weights. Checks YaRN's frequencies, the
+/// cos/sin amplitude and the softmax-scale correction against transformers' own values, then the
+/// logits and greedy decoding with the latent cache.
+#[test]
+fn yarn_rope_matches_transformers() {
+    let here =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/hf/fixtures/deepseek_v2_yarn");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(here.join("config.json")).unwrap()).unwrap();
+    let spec = HfSpec::from_config(&json).unwrap();
+    let expected = read_safetensors(&here.join("expected.safetensors"));
+    let want = |k: &str| expected.get(k).unwrap_or_else(|| panic!("no `{k}`")).to_vec_f64().unwrap();
+
+    let MixerConfig::Mla(m) = &spec.config.blocks[0].mixer else { panic!("not MLA") };
+    let inv = m.rope.scaling.inv_freqs(m.d_rope, m.rope.theta);
+    for (i, (g, w)) in inv.iter().zip(want("inv_freq")).enumerate() {
+        // transformers computes the frequencies in f32.
+        assert!((g - w).abs() <= 1e-6 * w.abs(), "inv_freq[{i}]: {g} vs transformers' {w}");
+    }
+    assert!((m.rope.scaling.amplitude() - want("attention_scaling")[0]).abs() < 1e-12);
+    assert!((m.scale() - want("softmax_scale")[0]).abs() < 1e-12, "softmax scale {}", m.scale());
+    assert!(spec.mapping.iter().any(|l| l.contains("YaRN")), "inspect mapping: {:?}", spec.mapping);
+
+    let weights = read_safetensors(&fixture_dir("deepseek_v2").join("model.safetensors"));
+    let (_store, model, _) = build(&spec, &weights);
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    assert_close("logits with YaRN", &logits(&model, &ids), &expected["logits"], 1e-4);
+
+    let prompt: Vec<u32> = expected["generate_prompt"].to_dtype(DType::U32).unwrap().to_vec().unwrap();
+    let out: Vec<u32> = expected["generate_out"].to_dtype(DType::U32).unwrap().to_vec().unwrap();
+    let (got, _) = greedy(&model, &prompt, out.len() - prompt.len());
+    assert_eq!(got, out, "greedy decoding with YaRN and the latent cache differs from transformers'");
+}
+
+#[test]
+fn rope_scaling_errors_name_the_key() {
+    let base: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_dir("deepseek_v2").join("config.json")).unwrap())
+            .unwrap();
+    let with = |rope: serde_json::Value| {
+        let mut j = base.clone();
+        j["rope_parameters"] = rope;
+        HfSpec::from_config(&j).map(|_| ()).unwrap_err().to_string()
+    };
+    let e = with(serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0}));
+    assert!(e.contains("rope_parameters.rope_type") && e.contains("longrope"), "{e}");
+    let e = with(serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}));
+    assert!(e.contains("original_max_position_embeddings"), "{e}");
+    let e =
+        with(serde_json::json!({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 64}));
+    assert!(e.contains("factor") && e.contains(">= 1"), "{e}");
+    // Older configs: `rope_scaling` with `type`, the base at the top level (DeepSeek-V2-Lite's form).
+    let mut j = base.clone();
+    j.as_object_mut().unwrap().remove("rope_parameters");
+    j["rope_theta"] = serde_json::json!(10000.0);
+    j["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707});
+    let spec = HfSpec::from_config(&j).unwrap();
+    let MixerConfig::Mla(m) = &spec.config.blocks[0].mixer else { panic!("not MLA") };
+    let moeba_kernels::ops::RopeScaling::Yarn(y) = m.rope.scaling else { panic!("not YaRN: {:?}", m.rope) };
+    assert_eq!((y.factor, y.original_max_position), (40.0, 4096));
+    // mscale == mscale_all_dim: cos/sin keep their size, the softmax scale grows by mscale².
+    assert!((y.attention_factor - 1.0).abs() < 1e-12);
+    let ms = 0.1 * 0.707 * 40f64.ln() + 1.0;
+    assert!((m.scale() - ms * ms / 20f64.sqrt()).abs() < 1e-12);
 }

@@ -81,7 +81,7 @@ fn config_maps_keys_and_rejects_unsupported_values() {
     config_error(
         &base,
         "rope_parameters",
-        serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+        serde_json::json!({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0}),
         "rope_type",
     );
     config_error(&base, "num_local_experts", serde_json::json!("four"), "num_local_experts");
