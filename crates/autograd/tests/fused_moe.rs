@@ -113,6 +113,42 @@ fn grouped_matmul_and_swiglu_gradients() {
     assert!(rep.inputs.iter().all(|r| r.had_gradient));
 }
 
+#[test]
+fn swiglu_experts_without_a_tape_gives_the_same_output() {
+    // No recorded node (no_grad, or constant inputs): the fused forward keeps neither h nor a and
+    // returns a constant, with the values of the recorded forward.
+    let (plan, _) = plan_for(40, 4, 2, None, 9);
+    let rows = plan.row_token.dims()[0];
+    let (d, f) = (7, 10);
+    for dtype in [DType::F32, DType::F64] {
+        let t = |seed: u64, dims: &[usize]| Tensor::randn(seed, dims, 0.0, 1.0, dtype, &CPU).unwrap();
+        let (x, gu, dn) = (t(1, &[rows, d]), t(2, &[4, 2 * f, d]), t(3, &[4, d, f]));
+        let recorded = moe::swiglu_experts(
+            &Var::param(x.clone()),
+            &Var::param(gu.clone()),
+            &Var::param(dn.clone()),
+            &plan,
+        )
+        .unwrap();
+        assert!(recorded.requires_grad());
+        let constant = moe::swiglu_experts(
+            &Var::constant(x.clone()),
+            &Var::constant(gu.clone()),
+            &Var::constant(dn.clone()),
+            &plan,
+        )
+        .unwrap();
+        let off = {
+            let _g = moeba_autograd::no_grad();
+            moe::swiglu_experts(&Var::param(x), &Var::param(gu), &Var::param(dn), &plan).unwrap()
+        };
+        for v in [&constant, &off] {
+            assert!(!v.requires_grad());
+            assert_eq!(v.tensor().to_vec_f64().unwrap(), recorded.tensor().to_vec_f64().unwrap(), "{dtype}");
+        }
+    }
+}
+
 /// The routed SwiGLU MoE written with the fused ops: gating, plan, permute, experts, unpermute.
 fn moe_forward(x: &Var, router: &Var, gate_up: &Var, down: &Var, k: usize) -> moeba_tensor::Result<Var> {
     let logits = x.matmul(&router.t()?)?;

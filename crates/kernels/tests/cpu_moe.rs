@@ -401,6 +401,98 @@ proptest! {
         close(&dx, &gdx, "generic dx");
         close(&dw, &gdw, "generic dw");
     }
+
+    #[test]
+    fn swiglu_experts_forward_matches_reference(
+        groups in prop::collection::vec(prop_oneof![3 => 0usize..20, 1 => Just(0usize)], 1..6),
+        d in 0usize..24, f in 0usize..21, d_out in 1usize..20, xview in 0u8..3, wview in 0u8..3,
+        keep in any::<bool>(), dtype in prop_oneof![Just(DType::F32), Just(DType::F64)], seed in any::<u64>()
+    ) {
+        let e = groups.len();
+        let r: usize = groups.iter().sum();
+        let mut offs = vec![0i64];
+        for g in &groups { offs.push(offs.last().unwrap() + *g as i64); }
+        let offsets = Tensor::from_vec(offs, e + 1, &CPU).unwrap();
+        let x = match xview {
+            1 => Tensor::randn(seed, (d, r), 0.0, 1.0, dtype, &CPU).unwrap().t().unwrap(),
+            2 => Tensor::randn(seed, (r + 2, d + 3), 0.0, 1.0, dtype, &CPU).unwrap()
+                .narrow(0, 1, r).unwrap().narrow(1, 2, d).unwrap(),
+            _ => Tensor::randn(seed, (r, d), 0.0, 1.0, dtype, &CPU).unwrap(),
+        };
+        let (gu, dn) = match wview {
+            // Transposed storage, and a down weight broadcast over its output rows.
+            1 => (
+                Tensor::randn(seed ^ 1, (e, d, 2 * f), 0.0, 1.0, dtype, &CPU).unwrap().t().unwrap(),
+                Tensor::randn(seed ^ 3, (e, 1, f), 0.0, 1.0, dtype, &CPU).unwrap().broadcast_as((e, d_out, f)).unwrap(),
+            ),
+            // Narrowed views of bigger weights.
+            2 => (
+                Tensor::randn(seed ^ 1, (e + 1, 2 * f + 1, d), 0.0, 1.0, dtype, &CPU).unwrap()
+                    .narrow(0, 1, e).unwrap().narrow(1, 1, 2 * f).unwrap(),
+                Tensor::randn(seed ^ 3, (e, d_out, f + 2), 0.0, 1.0, dtype, &CPU).unwrap().narrow(2, 2, f).unwrap(),
+            ),
+            _ => (
+                Tensor::randn(seed ^ 1, (e, 2 * f, d), 0.0, 1.0, dtype, &CPU).unwrap(),
+                Tensor::randn(seed ^ 3, (e, d_out, f), 0.0, 1.0, dtype, &CPU).unwrap(),
+            ),
+        };
+        let (y, saved) = ops::moe_swiglu_experts_forward(&x, &gu, &dn, &offsets, keep).unwrap();
+        prop_assert_eq!(saved.is_some(), keep);
+        // The reference: f64 grouped GEMMs and SwiGLU, one op after the other.
+        let h_ref = reference::moe::grouped_matmul(&x, &gu, &offsets).unwrap();
+        let a_ref = reference::moe::swiglu(&h_ref).unwrap();
+        let y_ref = reference::moe::grouped_matmul(&a_ref, &dn, &offsets).unwrap();
+        let scale = ((d.max(f).max(1)) as f64).sqrt() * (1.0 + d as f64);
+        let close = |got: &Tensor, want: &Tensor, what: &str| {
+            let err = rel_err(got, want);
+            let tol = match dtype { DType::F64 => 1e-12, _ => 1e-5 } * scale;
+            assert!(err <= tol, "{what}: {dtype}: relative error {err:e} > {tol:e}");
+        };
+        close(&y, &y_ref, "y");
+        if let Some((h, a)) = &saved {
+            close(h, &h_ref, "h");
+            close(a, &a_ref, "a");
+        }
+        // The fused path against the three-op composite of the same kernels.
+        let offs: Vec<usize> = offsets.to_vec::<i64>().unwrap().iter().map(|&o| o as usize).collect();
+        let (yc, _) = cpu::grouped_gemm::swiglu_experts_composite(&x, &gu, &dn, &offs, false).unwrap();
+        close(&y, &yc, "composite y");
+    }
+}
+
+#[test]
+fn swiglu_experts_forward_in_several_chunks() {
+    // Groups big enough that the fused forward takes them in several chunks of experts (2^21
+    // pre-activation floats each), with empty and tiny groups in between; keep and no-keep
+    // must agree with each other and with the three-op composite.
+    let groups = [1100usize, 0, 1100, 900, 3, 1200, 0];
+    let (d, f, d_out) = (8usize, 512usize, 5usize);
+    let e = groups.len();
+    let r: usize = groups.iter().sum();
+    let mut offs = vec![0usize];
+    for g in groups {
+        offs.push(offs.last().unwrap() + g);
+    }
+    let offsets = Tensor::from_vec(offs.iter().map(|&o| o as i64).collect::<Vec<_>>(), e + 1, &CPU).unwrap();
+    let x = Tensor::randn(1, (r, d), 0.0, 1.0, DType::F32, &CPU).unwrap();
+    let gu = Tensor::randn(2, (e, 2 * f, d), 0.0, 1.0, DType::F32, &CPU).unwrap();
+    let dn = Tensor::randn(3, (e, d_out, f), 0.0, 0.1, DType::F32, &CPU).unwrap();
+    let (y, saved) = ops::moe_swiglu_experts_forward(&x, &gu, &dn, &offsets, true).unwrap();
+    let (h, a) = saved.unwrap();
+    let (y2, none) = ops::moe_swiglu_experts_forward(&x, &gu, &dn, &offsets, false).unwrap();
+    assert!(none.is_none());
+    let (yc, hc) = cpu::grouped_gemm::swiglu_experts_composite(&x, &gu, &dn, &offs, true).unwrap();
+    let (hc, ac) = hc.unwrap();
+    assert!(rel_err(&y, &yc) < 1e-6);
+    assert!(rel_err(&y2, &yc) < 1e-6);
+    assert!(rel_err(&h, &hc) < 1e-6);
+    assert!(rel_err(&a, &ac) < 1e-6);
+    // Deterministic whatever the chunking and the threads.
+    assert_eq!(y.to_vec::<f32>().unwrap(), y2.to_vec::<f32>().unwrap());
+    // Bad shapes name the op and the weights.
+    let bad = Tensor::zeros((e, d_out, f + 1), DType::F32, &CPU).unwrap();
+    let err = ops::moe_swiglu_experts_forward(&x, &gu, &bad, &offsets, false).unwrap_err().to_string();
+    assert!(err.contains("moe_swiglu_experts_forward") && err.contains("gate_up/down"), "{err}");
 }
 
 #[test]

@@ -203,20 +203,6 @@ pub fn grouped_matmul(x: &Var, w: &Var, plan: &MoeRoutingPlan) -> Result<Var> {
     Ok(single(Var::apply_custom(op, &[x, w], vec![out])))
 }
 
-/// The SwiGLU experts' forward on plain tensors: `(y, h, a)` with `h = x·gate_upᵀ` (R, 2f) and
-/// `a = silu(h[:, :f]) * h[:, f:]` (R, f, `ops::moe_swiglu`), `y = a·downᵀ` (R, d) per expert group.
-fn swiglu_forward(
-    x: &Tensor,
-    gate_up: &Tensor,
-    down: &Tensor,
-    offsets: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let h = ops::grouped_matmul(x, gate_up, offsets)?;
-    let a = ops::moe_swiglu(&h)?;
-    let y = ops::grouped_matmul(&a, down, offsets)?;
-    Ok((y, h, a))
-}
-
 struct SwigluOp {
     offsets: Tensor,
     h: Tensor,
@@ -259,7 +245,12 @@ pub fn swiglu_experts(x_sorted: &Var, gate_up: &Var, down: &Var, plan: &MoeRouti
     if dn.dims() != [e, d, f2 / 2] {
         return Err(Error::ShapeMismatch { op, lhs: gu.shape().clone(), rhs: dn.shape().clone() });
     }
-    let (y, h, a) = swiglu_forward(x_sorted.tensor(), gu, dn, &plan.expert_offsets)?;
+    // Only a recorded node needs the pre-activations `h` and the activations `a`: without one the
+    // fused forward never materialises them (see `ops::moe_swiglu_experts_forward`).
+    let record = crate::is_grad_enabled() && [x_sorted, gate_up, down].iter().any(|v| v.requires_grad());
+    let (y, saved) =
+        ops::moe_swiglu_experts_forward(x_sorted.tensor(), gu, dn, &plan.expert_offsets, record)?;
+    let Some((h, a)) = saved else { return Ok(Var::constant(y)) };
     let node = SwigluOp { offsets: plan.expert_offsets.clone(), h, a };
     Ok(single(Var::apply_custom(node, &[x_sorted, gate_up, down], vec![y])))
 }

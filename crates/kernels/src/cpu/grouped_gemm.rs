@@ -20,12 +20,20 @@
 //! and d 256, ff 256, E 64, top-8; gate_up and down projections, uniform and Zipf-skewed loads)
 //! forward 0.87-0.97 and backward 0.83-1.05 of the dense throughput. `cargo xtask bench
 //! grouped_gemm` prints the same comparison (variants 0/1 and 2/3) for a quiet-machine run.
+//!
+//! Outputs are fresh allocations advised for transparent huge pages (`permute::zeros_huge`): the
+//! layer's tens of MB of intermediates otherwise cost one page fault per 4 KiB on first write,
+//! which took a fifth to a third of the MoE layer's time (`cargo xtask bench moe_layer`,
+//! 2 threads, min of 5: E8 forward 309 → 201 ms, forward+backward 684 → 574 ms; E64 160 → 114 ms
+//! and 438 → 313 ms, back to back on a loaded machine). [`swiglu_experts_forward`] runs the
+//! whole SwiGLU expert (gate_up GEMM, activation, down GEMM) chunk by chunk of experts so the
+//! activation reads `h` from the L3 cache, and without a tape never allocates `h` or `a`.
 
 use moeba_tensor::{DType, Device, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use super::par;
-use super::permute::{data_as, from_vec_as, SendPtr};
+use super::permute::{data_as, from_vec_as, zeros_huge, SendPtr};
 use super::simd::{self, Arg, MapOp};
 use crate::ops::BinaryOp;
 
@@ -53,6 +61,47 @@ pub fn grouped_matmul_backward(
         return fast::backward(x, w, offs, grad_out);
     }
     generic_backward(x, w, offs, grad_out)
+}
+
+/// Floats of the `(rows, 2f)` pre-activation that one chunk of [`swiglu_experts_forward`] fills
+/// before its SwiGLU and down projection run (8 MiB: a quarter of Zen 3's L3).
+const SWIGLU_CHUNK_FLOATS: usize = 2 << 20;
+
+/// See [`crate::ops::moe_swiglu_experts_forward`]. `offs` are the checked E + 1 offsets.
+///
+/// f32 with AVX2+FMA: the experts are taken in chunks of whole experts of about
+/// [`SWIGLU_CHUNK_FLOATS`] pre-activation floats; per chunk the gate_up GEMM writes `h`, the
+/// SwiGLU reads it back while it is still in the L3 cache, and the down GEMM reads `a`. Without
+/// `keep`, `h` and `a` live in two chunk-sized scratch buffers instead of `(R, 2f)` and `(R, f)`
+/// tensors (no fresh memory to fault in, no pass over DRAM). Elsewhere: [`grouped_matmul`],
+/// [`swiglu`], [`grouped_matmul`] (the reference the fast path is tested against).
+pub fn swiglu_experts_forward(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offs: &[usize],
+    keep: bool,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    #[cfg(target_arch = "x86_64")]
+    if x.dtype() == DType::F32 && super::matmul::avx2::available() {
+        return fast::swiglu_experts(x, gate_up, down, offs, keep);
+    }
+    swiglu_experts_composite(x, gate_up, down, offs, keep)
+}
+
+/// [`swiglu_experts_forward`] as three separate ops (grouped GEMM, SwiGLU, grouped GEMM): the
+/// reference of the fused path, and the path for every dtype and CPU.
+pub fn swiglu_experts_composite(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offs: &[usize],
+    keep: bool,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let h = grouped_matmul(x, gate_up, offs)?;
+    let a = swiglu(&h)?;
+    let y = grouped_matmul(&a, down, offs)?;
+    Ok((y, keep.then_some((h, a))))
 }
 
 /// [`grouped_matmul`] on the portable path (per-expert `cpu::matmul::matmul` on views), for
@@ -186,7 +235,7 @@ mod fast {
         let inn = x.dims()[1];
         let (xd, xs, xo) = f32_parts(x)?;
         let (wd, ws, wo) = f32_parts(w)?;
-        let mut out = vec![0f32; r * out_f];
+        let mut out = zeros_huge::<f32>(r * out_f);
         let jobs: Vec<Job> = (0..offs.len() - 1)
             .map(|e| Job {
                 m: offs[e + 1] - offs[e],
@@ -211,7 +260,7 @@ mod fast {
         let (xd, xs, xo) = f32_parts(x)?;
         let (wd, ws, wo) = f32_parts(w)?;
         let (gd, gs, go) = f32_parts(g)?;
-        let mut dx = vec![0f32; r * inn];
+        let mut dx = zeros_huge::<f32>(r * inn);
         let dx_jobs: Vec<Job> = (0..e_n)
             .map(|e| Job {
                 m: offs[e + 1] - offs[e],
@@ -226,7 +275,7 @@ mod fast {
             .collect();
         run_jobs(&dx_jobs, gd, wd, &mut dx);
         // dw[e] (out × in) = gᵀ (out × m_e) · x (m_e × in); an empty group gives k = 0: zeros.
-        let mut dw = vec![0f32; e_n * out_f * inn];
+        let mut dw = zeros_huge::<f32>(e_n * out_f * inn);
         let dw_jobs: Vec<Job> = (0..e_n)
             .map(|e| Job {
                 m: out_f,
@@ -245,6 +294,97 @@ mod fast {
             Tensor::from_vec(dw, (e_n, out_f, inn), &Device::Cpu)?,
         ))
     }
+
+    /// The fused SwiGLU experts (see [`super::swiglu_experts_forward`]).
+    pub fn swiglu_experts(
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        offs: &[usize],
+        keep: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (r, d_in) = (x.dims()[0], x.dims()[1]);
+        let (e_n, f2) = (gate_up.dims()[0], gate_up.dims()[1]);
+        let (f, d_out) = (f2 / 2, down.dims()[1]);
+        let (xd, xs, xo) = f32_parts(x)?;
+        let (gd, gs, go) = f32_parts(gate_up)?;
+        let (dd, ds, dof) = f32_parts(down)?;
+        // Chunks of whole experts (a weight is packed once per call, as in `grouped_matmul`).
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for e in 0..e_n {
+            if (offs[e + 1] - offs[start]) * f2 >= SWIGLU_CHUNK_FLOATS || e + 1 == e_n {
+                chunks.push((start, e + 1));
+                start = e + 1;
+            }
+        }
+        let max_rows = chunks.iter().map(|&(e0, e1)| offs[e1] - offs[e0]).max().unwrap_or(0);
+        let (mut h, mut a) = if keep {
+            (zeros_huge::<f32>(r * f2), zeros_huge::<f32>(r * f))
+        } else {
+            (zeros_huge::<f32>(max_rows * f2), zeros_huge::<f32>(max_rows * f))
+        };
+        let mut y = zeros_huge::<f32>(r * d_out);
+        for &(e0, e1) in &chunks {
+            let (row0, rows) = (offs[e0], offs[e1] - offs[e0]);
+            if rows == 0 {
+                continue;
+            }
+            let base = if keep { row0 } else { 0 };
+            let hc = &mut h[base * f2..(base + rows) * f2];
+            let up: Vec<Job> = (e0..e1)
+                .map(|e| Job {
+                    m: offs[e + 1] - offs[e],
+                    n: f2,
+                    k: d_in,
+                    a: (xo + offs[e] * xs[0], xs[0], xs[1]),
+                    // b(p, j) = gate_up[e, j, p]
+                    b: (go + e * gs[0], gs[2], gs[1]),
+                    c_off: (offs[e] - row0) * f2,
+                    ldc: f2,
+                })
+                .filter(|j| j.m > 0)
+                .collect();
+            run_jobs(&up, xd, gd, hc);
+            let ac = &mut a[base * f..(base + rows) * f];
+            swiglu_rows_f32(hc, ac, f);
+            let dn: Vec<Job> = (e0..e1)
+                .map(|e| Job {
+                    m: offs[e + 1] - offs[e],
+                    n: d_out,
+                    k: f,
+                    a: ((offs[e] - row0) * f, f, 1),
+                    // b(p, j) = down[e, j, p]
+                    b: (dof + e * ds[0], ds[2], ds[1]),
+                    c_off: offs[e] * d_out,
+                    ldc: d_out,
+                })
+                .filter(|j| j.m > 0)
+                .collect();
+            run_jobs(&dn, ac, dd, &mut y);
+        }
+        let y = Tensor::from_vec(y, (r, d_out), &Device::Cpu)?;
+        if !keep {
+            return Ok((y, None));
+        }
+        let h = Tensor::from_vec(h, (r, f2), &Device::Cpu)?;
+        let a = Tensor::from_vec(a, (r, f), &Device::Cpu)?;
+        Ok((y, Some((h, a))))
+    }
+}
+
+/// `a[i] = silu(h[i, :f]) · h[i, f:]` for the rows of `a` (`f` floats each), rows in parallel.
+fn swiglu_rows_f32(h: &[f32], a: &mut [f32], f: usize) {
+    if f == 0 {
+        return;
+    }
+    par::for_each_rows_mut(a, f, 8 * f, |first, chunk| {
+        for (i, o) in chunk.chunks_mut(f).enumerate() {
+            let row = &h[(first + i) * 2 * f..(first + i + 1) * 2 * f];
+            simd::map_into_f32(MapOp::Silu, &row[..f], o);
+            simd::binary_assign_f32(BinaryOp::Mul, o, Arg::Slice(&row[f..]));
+        }
+    });
 }
 
 /// See [`crate::ops::moe_swiglu`]: rows in parallel; f32 uses the SIMD SiLU of `cpu::simd`.
@@ -253,7 +393,7 @@ pub fn swiglu(h: &Tensor) -> Result<Tensor> {
     match h.dtype() {
         DType::F64 => {
             let hv = data_as::<f64>(h)?;
-            let mut out = vec![0f64; r * f];
+            let mut out = zeros_huge::<f64>(r * f);
             par::for_each_rows_mut(&mut out, f.max(1), 8 * f, |first, chunk| {
                 for (i, o) in chunk.chunks_mut(f).enumerate() {
                     let row = &hv[(first + i) * 2 * f..(first + i + 1) * 2 * f];
@@ -266,14 +406,8 @@ pub fn swiglu(h: &Tensor) -> Result<Tensor> {
         }
         dt => {
             let hv = data_as::<f32>(h)?;
-            let mut out = vec![0f32; r * f];
-            par::for_each_rows_mut(&mut out, f.max(1), 8 * f, |first, chunk| {
-                for (i, o) in chunk.chunks_mut(f).enumerate() {
-                    let row = &hv[(first + i) * 2 * f..(first + i + 1) * 2 * f];
-                    simd::map_into_f32(MapOp::Silu, &row[..f], o);
-                    simd::binary_assign_f32(BinaryOp::Mul, o, Arg::Slice(&row[f..]));
-                }
-            });
+            let mut out = zeros_huge::<f32>(r * f);
+            swiglu_rows_f32(&hv, &mut out, f);
             from_vec_as(out, (r, f), dt)
         }
     }
@@ -285,7 +419,7 @@ pub fn swiglu_backward(h: &Tensor, grad: &Tensor) -> Result<Tensor> {
     match h.dtype() {
         DType::F64 => {
             let (hv, gv) = (data_as::<f64>(h)?, data_as::<f64>(grad)?);
-            let mut out = vec![0f64; r * 2 * f];
+            let mut out = zeros_huge::<f64>(r * 2 * f);
             par::for_each_rows_mut(&mut out, (2 * f).max(1), 16 * f, |first, chunk| {
                 for (i, o) in chunk.chunks_mut(2 * f).enumerate() {
                     let row = first + i;
@@ -304,7 +438,7 @@ pub fn swiglu_backward(h: &Tensor, grad: &Tensor) -> Result<Tensor> {
         }
         dt => {
             let (hv, gv) = (data_as::<f32>(h)?, data_as::<f32>(grad)?);
-            let mut out = vec![0f32; r * 2 * f];
+            let mut out = zeros_huge::<f32>(r * 2 * f);
             par::for_each_rows_mut(&mut out, (2 * f).max(1), 16 * f, |first, chunk| {
                 for (i, o) in chunk.chunks_mut(2 * f).enumerate() {
                     let row = first + i;
