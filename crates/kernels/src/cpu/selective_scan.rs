@@ -2,28 +2,52 @@
 //!
 //! # Work split
 //! Channels are processed `N` at a time (one SIMD vector: 8 on AVX2, 16 on AVX-512, 1 on the
-//! scalar path and for f64), each lane one channel, the `n` state vectors of a block kept in L1
-//! (registers where they fit). A *task* is one batch row, one group, and up to 64 channels of it
-//! (a run of whole vectors), or the channels of a group left over after its whole vectors (run
-//! one lane at a time). Tasks depend on the shapes and the SIMD path only, never on the thread
-//! count; rayon spreads them over the threads.
+//! scalar path and for f64), each lane one channel. A *task* is one batch row, one group, and up
+//! to 64 channels of it (a run of whole vectors), or the channels of a group left over after its
+//! whole vectors (run one lane at a time). Tasks depend on the shapes and the SIMD path only,
+//! never on the thread count; rayon spreads them over the threads. B and C are copied once per
+//! call to a step-major `(b, g, l, n)` layout (padded to whole state blocks), shared by every task.
 //!
-//! Inside a task, time is walked in chunks of [`SELECTIVE_SCAN_CHUNK`] steps, chunks outer and
-//! the task's vectors inner, so that B and C of a chunk are gathered once (into a `(T, n)` tile)
-//! for all of them.
+//! # The f32 fast kernels (finite A, any n): `forward_fast`, `backward_fast`
+//! Time is walked in chunks of [`SELECTIVE_SCAN_CHUNK`](crate::ops::SELECTIVE_SCAN_CHUNK) steps (the forward saves the state at
+//! the start of each) and, in the forward, in sub-chunks of `TS` steps. The states of a vector
+//! are handled in blocks of `SB` (the last block padded with states whose A, B and C are 0).
+//! Per sub-chunk:
+//! - a pre-pass over the rows computes `dt = softplus(delta + bias)` and `dt·u` for every vector
+//!   of the task, reading each channel-last row once (other layouts are staged per chunk);
+//! - per vector and state block, the decays `exp(dt·A)` of the sub-chunk are computed in one
+//!   pass of their own (`block_decays`: independent exps, which the core overlaps; inside the
+//!   recurrence their long dependency chains stalled it), then the recurrence
+//!   `h = decay·h + (dt·u)·B`, `y += h·C` runs with the block's states in registers;
+//! - a post-pass adds the D skip, applies the silu(z) gate and writes the output rows in place.
 //!
-//! # Per step and state (one vector of channels)
-//! `decay = 2^(dt · A·log2e)` (a degree-6 polynomial after range reduction, f32; `f64::exp` for
-//! f64), `h = decay · h + (dt·u) · B`, `y += h · C`: 17 vector operations.
+//! The decay is `2^(dt·A·log2e)`: `x = k + f`, `2^f` by a degree-5 polynomial (`EXP2_P`, 1.9e-7
+//! relative in f32), `2^k` added to the exponent bits; the clamp of `x` to the normal range is
+//! skipped for a sub-chunk when `max|dt| · max|A·log2e| <= 126`. The gates use `exp_fast`
+//! (Cody-Waite, 1-2 ulp) and a division-free softplus. Channel-last rows are `d` floats apart,
+//! which the hardware prefetchers do not follow: `Ahead` prefetches the next sub-chunk's input
+//! rows a few lines per recurrence step.
+//!
+//! Measured (AMD EPYC Zen 3, 2 cores, AVX2+FMA path, f32, the benchmark's W1 inputs at
+//! (1, 1536, 16, 2048), `target/release/examples/scan_bench`): forward 18.3 → 13.3 ms on two
+//! threads (27 ms of CPU on one: about 14 cycles per 8-lane state update, of which the decay
+//! pass is ~4.5, its floor on the two FMA ports being 3); backward 53 → 42 ms. See
+//! `benches/RESULTS.md` for the quiet-machine figures.
 //!
 //! # Backward
 //! The forward stores the state at the start of every chunk. The backward walks the chunks in
-//! reverse; for each vector it recomputes the chunk forward from the saved state (keeping the
-//! states and decays of the chunk, `2 · T · n` vectors, in L2), then runs the chunk backward,
-//! carrying `dL/dh` from chunk to chunk. Per-channel sums (dA, dD, d delta_bias) accumulate in
-//! lanes and are added over the batch in order; the cross-channel sums dB and dC accumulate
-//! per lane over a task's vectors, are summed over lanes in order, then over the tasks of a
-//! group in order: the gradients are bit-identical whatever the thread count.
+//! reverse; for each vector and state block it recomputes the chunk forward from the saved state
+//! (decays in one pass, then the states of every step, kept in L2), then walks the chunk
+//! backward four states at a time (their `dL/dh` and dA in registers), carrying `dL/dh` from
+//! chunk to chunk. Per-channel sums (dA, dD, d delta_bias) accumulate in lanes and are added over
+//! the batch in order; the cross-channel sums dB and dC accumulate per lane over a task's
+//! vectors, are summed over lanes in order, then over the tasks of a group in order: the
+//! gradients are bit-identical whatever the thread count.
+//!
+//! # Generic kernels: `forward_task`, `backward_task`
+//! f64, non-finite A, and the plain recurrence the fast kernels are checked against (besides the
+//! reference in `crate::reference::selective_scan`): one pass per chunk and vector, every state
+//! vector in L1, `exp` per state update.
 
 use moeba_tensor::{DType, Device, Error, Result, Tensor, WithDType};
 use num_traits::{Float, One, Zero};
@@ -159,22 +183,16 @@ unsafe impl<V: Vf32> Lanes for W<V> {
     }
     #[inline(always)]
     unsafe fn softplus(self) -> Self {
-        // max(x, 0) + ln(1 + e) with e = e^-|x| in (0, 1]: ln(1 + e) = 2 atanh(s), s = e / (2 + e)
-        // <= 1/3, by its odd series to s^13 (truncation < 1e-8).
+        // max(x, 0) + ln(1 + e) with e = e^-|x| in (0, 1], ln(1 + e) = e·q(e) with q a degree-8
+        // fit of ln(1 + e)/e (relative error 3e-8, 1.9e-7 evaluated in f32; no division).
         unsafe {
             let x = self.0;
-            let e = simd::exp(x.abs().neg());
-            let s = e.div(e.add(V::splat(2.0)));
-            let s2 = s.mul(s);
-            let mut p = V::splat(1.0 / 13.0);
-            p = p.fma(s2, V::splat(1.0 / 11.0));
-            p = p.fma(s2, V::splat(1.0 / 9.0));
-            p = p.fma(s2, V::splat(1.0 / 7.0));
-            p = p.fma(s2, V::splat(1.0 / 5.0));
-            p = p.fma(s2, V::splat(1.0 / 3.0));
-            p = p.fma(s2, V::splat(1.0));
-            let l1p = p.mul(s.add(s));
-            W(x.max(V::splat(0.0)).add(l1p))
+            let e = exp_fast(x.abs().neg());
+            let mut q = V::splat(LOG1P_Q[8]);
+            for &c in LOG1P_Q[..8].iter().rev() {
+                q = q.fma(e, V::splat(c));
+            }
+            W(x.max(V::splat(0.0)).add(e.mul(q)))
         }
     }
     #[inline(always)]
@@ -184,9 +202,22 @@ unsafe impl<V: Vf32> Lanes for W<V> {
     }
     #[inline(always)]
     unsafe fn sigmoid(self) -> Self {
-        W(unsafe { simd::sigmoid(self.0) })
+        W(unsafe { V::splat(1.0).div(V::splat(1.0).add(exp_fast(self.0.neg()))) })
     }
 }
+
+/// `ln(1 + e)/e ≈ Σ LOG1P_Q[k]·e^k` on `e` in `[0, 1]` (a least-squares minimax fit).
+const LOG1P_Q: [f32; 9] = [
+    1.0,
+    -0.499_994_96,
+    0.333_191_8,
+    -0.248_436_18,
+    0.191_083_97,
+    -0.136_681_66,
+    0.078_282_39,
+    -0.029_539_099,
+    0.005_240_975_4,
+];
 
 /// `x` clamped to `[lo, hi]` lanewise, NaN propagating (as `V::max(lo).min(hi)`); two
 /// instructions on AVX2 instead of the blends the generic NaN-propagating max/min need.
@@ -210,55 +241,111 @@ unsafe fn clamp_v<V: Vf32>(x: V, lo: f32, hi: f32) -> V {
     unsafe { x.max(V::splat(lo)).min(V::splat(hi)) }
 }
 
+/// `2^f ≈ 1 + f·(P0 + f·(P1 + ...))` on `|f| <= 1/2`: a degree-5 least-squares fit of the
+/// relative error on Chebyshev nodes (1.0e-7 in exact arithmetic, 1.9e-7 evaluated in f32; the
+/// degree-6 Taylor polynomial it replaces reached 2.4e-7 in f32).
+const EXP2_P: [f32; 5] = [0.693_146_9, 0.240_222_38, 0.055_508_93, 0.009_671_71, 0.001_321_87];
+
+/// `2^f` for `|f| <= 1/2` by [`EXP2_P`] (five FMAs).
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn exp2_poly<V: Vf32>(f: V) -> V {
+    unsafe {
+        // Horner (Estrin's shorter chains measured 20% slower here: the passes are bound by
+        // the FMA ports, not by latency).
+        let mut p = V::splat(EXP2_P[4]);
+        p = p.fma(f, V::splat(EXP2_P[3]));
+        p = p.fma(f, V::splat(EXP2_P[2]));
+        p = p.fma(f, V::splat(EXP2_P[1]));
+        p = p.fma(f, V::splat(EXP2_P[0]));
+        p.fma(f, V::splat(1.0))
+    }
+}
+
+/// `e^x` for the scan's gates (softplus, sigmoid): `x` clamped to `[-87, 88]` (2^k stays
+/// normal), `k = round(x·log2e)`, `r = x - k·ln2` in two parts (Cody-Waite), `e^r` by its
+/// degree-6 Taylor polynomial (`|r| <= 0.35`: truncation 1.3e-7), and 2^k added to the exponent
+/// bits on AVX2. About 1-2 ulp, half the operations of [`simd::exp`] (which also handles the
+/// subnormal range). A NaN gives an unspecified value (the callers multiply by `x` or check
+/// finiteness).
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn exp_fast<V: Vf32>(x: V) -> V {
+    unsafe {
+        let x = clamp_v(x, -87.0, 88.0);
+        let magic = V::splat(12_582_912.0);
+        let t = x.fma(V::splat(std::f32::consts::LOG2_E), magic);
+        let k = t.sub(magic);
+        let r = k.fma(V::splat(-0.693_359_4), x);
+        let r = k.fma(V::splat(2.121_944_4e-4), r);
+        let mut p = V::splat(1.0 / 720.0);
+        p = p.fma(r, V::splat(1.0 / 120.0));
+        p = p.fma(r, V::splat(1.0 / 24.0));
+        p = p.fma(r, V::splat(1.0 / 6.0));
+        p = p.fma(r, V::splat(0.5));
+        p = p.fma(r, V::splat(1.0));
+        p = p.fma(r, V::splat(1.0));
+        #[cfg(target_arch = "x86_64")]
+        if V::LANES == 8 && std::mem::size_of::<V>() == 32 {
+            use std::arch::x86_64::*;
+            // SAFETY: as in `clamp_v`; t's low mantissa bits hold k (see `decay_fast`).
+            let (t, p): (__m256, __m256) = (std::mem::transmute_copy(&t), std::mem::transmute_copy(&p));
+            let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+            let r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+            return std::mem::transmute_copy(&r);
+        }
+        p.mul(k.pow2i())
+    }
+}
+
+/// `x·σ(x) = x / (1 + e^-x)` with [`exp_fast`].
+///
+/// # Safety
+/// As every [`Vf32`] method.
+#[inline(always)]
+unsafe fn silu_fast<V: Vf32>(x: V) -> V {
+    unsafe { x.div(V::splat(1.0).add(exp_fast(x.neg()))) }
+}
+
 /// `exp(dt · A)` from `dt` and `A·log2e` (see [`Lanes::decay`]).
 ///
 /// # Safety
 /// As every [`Vf32`] method.
 #[inline(always)]
 unsafe fn decay_v<V: Vf32>(dt: V, a_prep: V) -> V {
-    // 2^x with x = dt·A·log2e clamped to the normal range, x = k + f, |f| <= 1/2, and
-    // 2^f = e^(f ln2) by its Taylor polynomial of degree 6 (relative error < 1.2e-7).
+    // 2^x with x = dt·A·log2e clamped to the normal range, x = k + f, |f| <= 1/2.
     unsafe {
         let x = clamp_v(dt.mul(a_prep), -126.0, 126.0);
         let k = x.round();
-        let f = x.sub(k);
-        let mut p = V::splat(1.540_353e-4);
-        p = p.fma(f, V::splat(1.333_355_8e-3));
-        p = p.fma(f, V::splat(9.618_129e-3));
-        p = p.fma(f, V::splat(5.550_411e-2));
-        p = p.fma(f, V::splat(0.240_226_5));
-        p = p.fma(f, V::splat(std::f32::consts::LN_2));
-        p = p.fma(f, V::splat(1.0));
-        p.mul(k.pow2i())
+        exp2_poly(x.sub(k)).mul(k.pow2i())
     }
 }
 
 /// [`decay_v`] for finite `dt · A` (a NaN does not propagate): on AVX2 the scaling by 2^k is an
-/// integer add to the exponent bits (the same value unless it is below 2^-126).
+/// integer add to the exponent bits (the same value unless it is below 2^-126). Without `CLAMP`
+/// the caller guarantees `|dt · A·log2e| <= 126` (then the clamp would change nothing).
 ///
 /// # Safety
 /// As every [`Vf32`] method.
 #[inline(always)]
-unsafe fn decay_fast<V: Vf32>(dt: V, a_prep: V) -> V {
+unsafe fn decay_fast<V: Vf32, const CLAMP: bool>(dt: V, a_prep: V) -> V {
     #[cfg(target_arch = "x86_64")]
     if V::LANES == 8 && std::mem::size_of::<V>() == 32 {
         use std::arch::x86_64::*;
-        // SAFETY: as in `clamp_v`. The same polynomial; k = round(x) (nearest even) by adding
-        // 1.5·2^23, whose low mantissa bits are then k, shifted into the exponent field and added
-        // to the bits of 2^f (the product with 2^k, exact unless it is below 2^-126).
+        // SAFETY: as in `clamp_v`. k = round(x) (nearest even) by adding 1.5·2^23, whose low
+        // mantissa bits are then k, shifted into the exponent field and added to the bits of 2^f
+        // (the product with 2^k, exact unless it is below 2^-126).
         unsafe {
             let magic = _mm256_set1_ps(12_582_912.0);
-            let x: __m256 = std::mem::transmute_copy(&clamp_v(dt.mul(a_prep), -126.0, 126.0));
+            let x = dt.mul(a_prep);
+            let x: __m256 = std::mem::transmute_copy(&if CLAMP { clamp_v(x, -126.0, 126.0) } else { x });
             let t = _mm256_add_ps(x, magic);
-            let f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
-            let c = |v: f32| _mm256_set1_ps(v);
-            let mut p = c(1.540_353e-4);
-            p = _mm256_fmadd_ps(p, f, c(1.333_355_8e-3));
-            p = _mm256_fmadd_ps(p, f, c(9.618_129e-3));
-            p = _mm256_fmadd_ps(p, f, c(5.550_411e-2));
-            p = _mm256_fmadd_ps(p, f, c(0.240_226_5));
-            p = _mm256_fmadd_ps(p, f, c(std::f32::consts::LN_2));
-            p = _mm256_fmadd_ps(p, f, c(1.0));
+            let f: V = std::mem::transmute_copy(&_mm256_sub_ps(x, _mm256_sub_ps(t, magic)));
+            let p: __m256 = std::mem::transmute_copy(&exp2_poly(f));
             let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
             let r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
             return std::mem::transmute_copy(&r);
@@ -353,6 +440,10 @@ pub(crate) struct Ctx<S> {
     z: Option<Arr<S>>,
     bm: Arr<S>,
     cm: Arr<S>,
+    /// B and C as `(b, g, l, np)`, `np` = `n` rounded up to [`SB`] (the padding 0): the fast
+    /// kernels read a step's states contiguously.
+    bt: Vec<S>,
+    ct: Vec<S>,
     h0: Option<Arr<S>>,
     /// `(d, n)` contiguous, `prep(A)`.
     a_prep: Vec<S>,
@@ -410,9 +501,9 @@ pub(crate) struct Task {
     c1: usize,
 }
 
-fn tasks(dims: &ScanDims, lanes: usize) -> Vec<Task> {
+fn tasks(dims: &ScanDims, lanes: usize, channels: usize) -> Vec<Task> {
     let dg = dims.dim / dims.groups;
-    let per = (TASK_CHANNELS / lanes).max(1);
+    let per = (channels / lanes).max(1);
     let mut v = Vec::new();
     for bi in 0..dims.batch {
         for grp in 0..dims.groups {
@@ -609,121 +700,326 @@ unsafe fn forward_task<L: Lanes>(cx: &Ctx<L::S>, tk: &Task, c0: usize, nb: usize
     }
 }
 
-/// The forward of `nb` whole vectors of channels from `c0` (f32, `n == N` states): as
-/// [`forward_task`], bit for bit, with the state of a vector in a `[V; N]` (registers), and per
-/// chunk a vectorised pre-pass (`dt = softplus(delta + bias)`, `dt·u`) and post-pass (D skip,
-/// silu(z) gate) around the recurrence. Returns whether every delta was finite.
+/// States per block of the fast kernels: the states of one block of one vector of channels stay
+/// in registers for a whole chunk (8 on AVX2: 8 states, two partial sums, `dt`, `dt·u` and the
+/// exp's temporaries fill the 16 ymm registers; `A` is read from L1).
+const SB: usize = 8;
+
+/// Per-step vectors of an input: step `t`'s lanes start at `p + t * step`.
+#[derive(Clone, Copy)]
+struct Stream {
+    p: *const f32,
+    step: usize,
+}
+
+impl Stream {
+    /// The first lane of step `t`.
+    #[inline(always)]
+    unsafe fn row(self, t: usize) -> *const f32 {
+        unsafe { self.p.add(t * self.step) }
+    }
+}
+
+/// Whether `a`'s channels are contiguous (channel-last): then the fast kernels read it in place.
 #[inline(always)]
-unsafe fn forward_fast<V: Vf32, const N: usize>(cx: &Ctx<f32>, tk: &Task, c0: usize, nb: usize) -> bool {
+fn in_place<S>(a: &Arr<S>) -> bool {
+    a.st[1] == 1
+}
+
+/// Channels `c..` of `a` from step `t0`: in place when [`in_place`], else from `tile` (the chunk
+/// staged by [`stage`], row width `w`, channel offset `off`).
+#[inline(always)]
+unsafe fn stream(a: &Arr<f32>, bi: usize, c: usize, t0: usize, tile: &[f32], off: usize, w: usize) -> Stream {
     unsafe {
-        let ScanDims { dim: d, len: l, .. } = cx.dims;
+        if in_place(a) {
+            Stream { p: a.at(bi, c, t0, 0), step: a.st[2] }
+        } else {
+            Stream { p: tile.as_ptr().add(off), step: w }
+        }
+    }
+}
+
+/// Prefetches, a few cache lines at a time, the rows of the next sub-chunk that the fast forward
+/// reads or writes in place. Channel-last rows are `d` floats apart, which the hardware
+/// prefetchers do not follow: without this the passes over the rows wait on memory (measured: a
+/// quarter of the forward at d = 1536). Spread over the recurrence, the lines arrive in time
+/// without overflowing the core's miss buffers.
+struct Ahead {
+    /// Per stream: the first float of row 0 of the next sub-chunk, and the row step.
+    streams: [(*const f32, usize); 4],
+    ns: usize,
+    /// Rows to fetch, floats per row.
+    rows: usize,
+    w: usize,
+    /// The cursor: row, stream, float offset in the row.
+    row: usize,
+    s: usize,
+    off: usize,
+    /// Lines per [`Ahead::step`].
+    per_step: usize,
+}
+
+impl Ahead {
+    /// Rows `t..t + rows` of the in-place streams `ins` (pointers at channel `c0`, row 0, and
+    /// row steps), `w` floats each, over `steps` calls of [`Ahead::step`].
+    fn new(ins: &[(*const f32, usize)], t: usize, rows: usize, w: usize, steps: usize) -> Self {
+        let mut a =
+            Ahead { streams: [(std::ptr::null(), 0); 4], ns: 0, rows, w, row: 0, s: 0, off: 0, per_step: 0 };
+        for &(p, st) in ins.iter().take(4) {
+            a.streams[a.ns] = (p.wrapping_add(t * st), st);
+            a.ns += 1;
+        }
+        if a.ns > 0 && rows > 0 && w > 0 {
+            a.per_step = (rows * a.ns * (w + 15).div_ceil(16)).div_ceil(steps.max(1));
+        }
+        a
+    }
+
+    /// Prefetches the next few lines (into L2).
+    #[inline(always)]
+    fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.row >= self.rows {
+                return;
+            }
+            let (p, st) = self.streams[self.s];
+            // The last offset is clamped to the row's last float (a row may span one more line).
+            let q = p.wrapping_add(self.row * st + self.off.min(self.w - 1));
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(q as *const i8)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = q;
+            self.off += 16;
+            if self.off >= self.w + 15 {
+                self.off = 0;
+                self.s += 1;
+                if self.s == self.ns {
+                    (self.s, self.row) = (0, self.row + 1);
+                }
+            }
+        }
+    }
+}
+
+/// Steps per sub-chunk of the fast kernels: the decays of a sub-chunk and a state block
+/// (`TS · SB` vectors, 8 KiB on AVX2) are computed in one pass and stay in L1.
+const TS: usize = 32;
+
+/// The decays `exp(dt_t · A_j)` of one state block for `dt.len()` steps, into `out[t * SB + j]`
+/// (`CLAMP`: see [`decay_fast`]).
+///
+/// A pass of its own: every exp is independent of the others, so the core overlaps them (inside
+/// the recurrence, each exp's long dependency chain would stall the scheduler).
+#[inline(always)]
+unsafe fn block_decays<V: Vf32, const CLAMP: bool>(a: &[V; SB], dt: &[V], out: &mut [V; TS * SB]) {
+    unsafe {
+        for (t, &d) in dt.iter().enumerate() {
+            for (j, &aj) in a.iter().enumerate() {
+                *out.get_unchecked_mut(t * SB + j) = decay_fast::<V, CLAMP>(d, aj);
+            }
+        }
+    }
+}
+
+/// Advances one block of [`SB`] states by one step, `h_j = decay_j·h_j + (dt·u)·B_j`, and returns
+/// `Σ_j h_j·C_j` (two interleaved partial sums, then their sum). `da` holds the step's
+/// decays; `b` and `c` point at the block's `SB` values of B and C for this step.
+#[inline(always)]
+unsafe fn step_block<V: Vf32>(h: &mut [V; SB], da: &[V], dtu: V, b: *const f32, c: *const f32) -> V {
+    unsafe {
+        let (mut y0, mut y1) = (V::splat(0.0), V::splat(0.0));
+        // Written out (not a loop) so that the states are registers, not an indexed array.
+        macro_rules! state {
+            ($i:literal, $y:ident) => {{
+                let hn = da.get_unchecked($i).fma(h[$i], dtu.mul(V::splat(*b.add($i))));
+                h[$i] = hn;
+                $y = hn.fma(V::splat(*c.add($i)), $y);
+            }};
+        }
+        state!(0, y0);
+        state!(1, y1);
+        state!(2, y0);
+        state!(3, y1);
+        state!(4, y0);
+        state!(5, y1);
+        state!(6, y0);
+        state!(7, y1);
+        y0.add(y1)
+    }
+}
+
+/// The forward of `nb` whole vectors of channels from `c0` (f32, finite `A`, any `n`).
+///
+/// Time is walked in chunks (whose starting states are saved for the backward) and, inside a
+/// chunk, in sub-chunks of [`TS`] steps. Per sub-chunk:
+/// 1. a pre-pass over the steps' rows computes `dt = softplus(delta + bias)` and `dt·u` for
+///    every vector (reading each row of `delta` and `u` once, contiguously);
+/// 2. per vector and block of [`SB`] states (the last block padded with states whose A, B and C
+///    are 0, which stay 0 and add 0): the decays of the sub-chunk in one pass
+///    ([`block_decays`]), then the recurrence with the block's states in registers, its
+///    `Σ h·C` added into the step's `y`;
+/// 3. a post-pass over the rows adds the D skip, applies the silu(z) gate and writes the output.
+///
+/// Channel-last inputs and outputs are read and written in place; other layouts go through a
+/// per-chunk tile. Returns whether every delta was finite.
+#[inline(always)]
+unsafe fn forward_fast<V: Vf32>(cx: &Ctx<f32>, tk: &Task, c0: usize, nb: usize) -> bool {
+    unsafe {
+        let ScanDims { dim: d, len: l, state: n, .. } = cx.dims;
         let nch = l.div_ceil(CHUNK);
         let (bi, lanes) = (tk.bi, V::LANES);
+        let nblk = n.div_ceil(SB);
+        let np = nblk * SB;
         let zero = V::splat(0.0);
         let chan = |blk: usize| c0 + blk * lanes;
-        let mut a2: Vec<[V; N]> = Vec::with_capacity(nb);
-        let mut h: Vec<[V; N]> = Vec::with_capacity(nb);
+        // Per (vector, state block): A·log2e, its largest magnitude, and the state.
+        let mut a2: Vec<[V; SB]> = Vec::with_capacity(nb * nblk);
+        let mut amax: Vec<f32> = Vec::with_capacity(nb * nblk);
+        let mut h: Vec<[V; SB]> = Vec::with_capacity(nb * nblk);
         let mut dvec = Vec::with_capacity(nb);
         let mut bvec = Vec::with_capacity(nb);
         for blk in 0..nb {
             let c = chan(blk);
-            let (mut av, mut hv) = ([zero; N], [zero; N]);
-            for i in 0..N {
-                av[i] = W::<V>::gather(cx.a_prep.as_ptr().add(c * N + i), N).0;
-                if let Some(h0) = &cx.h0 {
-                    hv[i] = W::<V>::gather(h0.at(bi, c, i, 0), h0.st[1]).0;
+            for sb in 0..nblk {
+                let (mut av, mut hv) = ([zero; SB], [zero; SB]);
+                for j in 0..SB.min(n - sb * SB) {
+                    let i = sb * SB + j;
+                    av[j] = W::<V>::gather(cx.a_prep.as_ptr().add(c * n + i), n).0;
+                    if let Some(h0) = &cx.h0 {
+                        hv[j] = W::<V>::gather(h0.at(bi, c, i, 0), h0.st[1]).0;
+                    }
                 }
+                amax.push(av.iter().map(|v| v.abs().hmax()).fold(0.0, f32::max));
+                a2.push(av);
+                h.push(hv);
             }
-            a2.push(av);
-            h.push(hv);
             dvec.push(cx.dskip.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
             bvec.push(cx.bias.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
         }
         let mut fin = zero;
-        let mut bt = vec![0f32; CHUNK * N];
-        let mut ct = vec![0f32; CHUNK * N];
         let w = nb * lanes;
-        let mut tu = vec![0f32; CHUNK * w];
-        let mut tdl = vec![0f32; CHUNK * w];
-        let mut tz = vec![0f32; if cx.z.is_some() { CHUNK * w } else { 0 }];
-        let mut to = vec![0f32; CHUNK * w];
-        let mut dts = [zero; CHUNK];
-        let mut dtus = [zero; CHUNK];
+        let tile = |a: &Arr<f32>| vec![0f32; if in_place(a) { 0 } else { CHUNK * w }];
+        let (mut tu, mut tdl) = (tile(&cx.u), tile(&cx.delta));
+        let mut tz = cx.z.as_ref().map_or(Vec::new(), tile);
+        let mut to = vec![0f32; if cx.channel_last { 0 } else { CHUNK * w }];
+        // Per vector and step of a sub-chunk: dt, dt·u, y.
+        let mut dts = vec![zero; nb * TS];
+        let mut dtus = vec![zero; nb * TS];
+        let mut ys = vec![zero; nb * TS];
+        let mut das = [zero; TS * SB];
+        // The inputs read in place (channel-last), at channel c0 and row 0.
+        let mut inplace = Vec::with_capacity(4);
+        for a in [Some(&cx.u), Some(&cx.delta), cx.z.as_ref()].into_iter().flatten() {
+            if in_place(a) {
+                inplace.push((a.at(bi, c0, 0, 0), a.st[2]));
+            }
+        }
+        // (The output rows are not prefetched: that measured slower, the prefetches of the
+        // inputs then wait for free miss buffers.)
         for k in 0..nch {
             let (t0, t1) = (k * CHUNK, ((k + 1) * CHUNK).min(l));
             let tn = t1 - t0;
-            for i in 0..N {
-                let (pb, pc) = (cx.bm.at(bi, tk.grp, i, t0), cx.cm.at(bi, tk.grp, i, t0));
-                let (sb, sc) = (cx.bm.st[3], cx.cm.st[3]);
-                for tl in 0..tn {
-                    bt[tl * N + i] = *pb.add(tl * sb);
-                    ct[tl * N + i] = *pc.add(tl * sc);
+            // B and C of the chunk, `(T, np)`.
+            let bc0 = ((bi * cx.dims.groups + tk.grp) * l + t0) * np;
+            let (bt, ct) = (cx.bt.as_ptr().add(bc0), cx.ct.as_ptr().add(bc0));
+            for (a, t) in [(&cx.u, &mut tu), (&cx.delta, &mut tdl)] {
+                if !in_place(a) {
+                    stage(a, bi, c0, w, t0, tn, t);
                 }
             }
-            stage(&cx.u, bi, c0, w, t0, tn, &mut tu);
-            stage(&cx.delta, bi, c0, w, t0, tn, &mut tdl);
-            if let Some(z) = &cx.z {
+            if let Some(z) = cx.z.as_ref().filter(|z| !in_place(z)) {
                 stage(z, bi, c0, w, t0, tn, &mut tz);
             }
-            for blk in 0..nb {
-                let c = chan(blk);
-                let off = blk * lanes;
-                // Pre-pass: dt and dt·u of the chunk.
-                let bias = bvec[blk];
-                for tl in 0..tn {
-                    let at = tl * w + off;
-                    let raw = V::load(tdl.as_ptr().add(at)).add(bias);
-                    fin = fin.add(raw.sub(raw));
-                    let dt = if cx.softplus { W(raw).softplus().0 } else { raw };
-                    *dts.get_unchecked_mut(tl) = dt;
-                    *dtus.get_unchecked_mut(tl) = dt.mul(V::load(tu.as_ptr().add(at)));
+            for (q, hb) in h.iter().enumerate() {
+                let (blk, sb) = (q / nblk, q % nblk);
+                for (j, hj) in hb.iter().enumerate().take(SB.min(n - sb * SB)) {
+                    hj.store(cx.chunks.0.add(((bi * nch + k) * n + sb * SB + j) * d + chan(blk)));
                 }
-                let mut hb = h[blk];
-                let ab = a2[blk];
-                for (i, hi) in hb.iter().enumerate() {
-                    hi.store(cx.chunks.0.add(((bi * nch + k) * N + i) * d + c));
-                }
-                let (bp, cp, op) = (bt.as_ptr(), ct.as_ptr(), to.as_mut_ptr().add(off));
-                for tl in 0..tn {
-                    if cx.reset.is_some() && is_reset(cx, bi, t0 + tl) {
-                        hb = [zero; N];
+            }
+            let su = stream(&cx.u, bi, c0, t0, &tu, 0, w);
+            let sdl = stream(&cx.delta, bi, c0, t0, &tdl, 0, w);
+            let sz = cx.z.as_ref().map(|z| stream(z, bi, c0, t0, &tz, 0, w));
+            let (op, ostep) = if cx.channel_last {
+                (cx.out.0.add((bi * l + t0) * d + c0), d)
+            } else {
+                (to.as_mut_ptr(), w)
+            };
+            for s0 in (0..tn).step_by(TS) {
+                let sn = (tn - s0).min(TS);
+                // Pre-pass: dt and dt·u, row by row.
+                for ts in 0..sn {
+                    let (dr, ur) = (sdl.row(s0 + ts), su.row(s0 + ts));
+                    for blk in 0..nb {
+                        let raw = V::load(dr.add(blk * lanes)).add(bvec[blk]);
+                        fin = fin.add(raw.sub(raw));
+                        let dt = if cx.softplus { W(raw).softplus().0 } else { raw };
+                        let at = blk * TS + ts;
+                        *dts.get_unchecked_mut(at) = dt;
+                        *dtus.get_unchecked_mut(at) = dt.mul(V::load(ur.add(blk * lanes)));
+                        *ys.get_unchecked_mut(at) = zero;
                     }
-                    let dt = *dts.get_unchecked(tl);
-                    let dtu = *dtus.get_unchecked(tl);
-                    let (br, cr) = (bp.add(tl * N), cp.add(tl * N));
-                    let mut y = zero;
-                    for i in 0..N {
-                        let da = decay_fast(dt, ab[i]);
-                        let hn = da.fma(hb[i], dtu.mul(V::splat(*br.add(i))));
-                        hb[i] = hn;
-                        y = hn.fma(V::splat(*cr.add(i)), y);
-                    }
-                    y.store(op.add(tl * w));
                 }
-                h[blk] = hb;
-                // Post-pass: D skip and the silu(z) gate.
-                if cx.dskip.is_some() || cx.z.is_some() {
-                    let dv = dvec[blk];
-                    for tl in 0..tn {
-                        let at = tl * w + off;
-                        let mut y = V::load(to.as_ptr().add(at));
+                // The recurrence, per vector and block of states, prefetching the next rows.
+                let next = t0 + s0 + sn;
+                let mut ahead = Ahead::new(&inplace, next, (l - next).min(TS), w, nb * nblk * sn);
+                for blk in 0..nb {
+                    // NaN-propagating: a NaN dt sends the sub-chunk down the clamped path.
+                    let dtmax = dts[blk * TS..blk * TS + sn].iter().fold(zero, |m, v| m.max(v.abs())).hmax();
+                    let (dtb, dtub) = (&dts[blk * TS..blk * TS + sn], &dtus[blk * TS..]);
+                    let yb = &mut ys[blk * TS..];
+                    for sb in 0..nblk {
+                        let q = blk * nblk + sb;
+                        // |dt·A·log2e| <= 126 for the whole sub-chunk: no clamp needed.
+                        if dtmax * amax[q] <= 126.0 {
+                            block_decays::<V, false>(&a2[q], dtb, &mut das);
+                        } else {
+                            block_decays::<V, true>(&a2[q], dtb, &mut das);
+                        }
+                        let mut hv = h[q];
+                        let (bp, cp) = (bt.add((s0 * np) + sb * SB), ct.add((s0 * np) + sb * SB));
+                        for ts in 0..sn {
+                            if cx.reset.is_some() && is_reset(cx, bi, t0 + s0 + ts) {
+                                hv = [zero; SB];
+                            }
+                            ahead.step();
+                            let da = das.get_unchecked(ts * SB..);
+                            let dtu = *dtub.get_unchecked(ts);
+                            let y = step_block(&mut hv, da, dtu, bp.add(ts * np), cp.add(ts * np));
+                            let ya = yb.get_unchecked_mut(ts);
+                            *ya = ya.add(y);
+                        }
+                        h[q] = hv;
+                    }
+                }
+                // Post-pass: D skip, the silu(z) gate, the output, row by row.
+                for ts in 0..sn {
+                    let ur = su.row(s0 + ts);
+                    let zr = sz.map(|s| s.row(s0 + ts));
+                    let orow = op.add((s0 + ts) * ostep);
+                    for blk in 0..nb {
+                        let mut y = *ys.get_unchecked(blk * TS + ts);
                         if cx.dskip.is_some() {
-                            y = V::load(tu.as_ptr().add(at)).fma(dv, y);
+                            y = V::load(ur.add(blk * lanes)).fma(dvec[blk], y);
                         }
-                        if cx.z.is_some() {
-                            let zz = V::load(tz.as_ptr().add(at));
-                            y = y.mul(zz.mul(simd::sigmoid(zz)));
+                        if let Some(zr) = zr {
+                            y = y.mul(silu_fast(V::load(zr.add(blk * lanes))));
                         }
-                        y.store(to.as_mut_ptr().add(at));
+                        y.store(orow.add(blk * lanes));
                     }
                 }
             }
-            unstage(cx, cx.out, bi, c0, w, t0, tn, &to);
+            if !cx.channel_last {
+                unstage(cx, cx.out, bi, c0, w, t0, tn, &to);
+            }
         }
-        for (blk, hb) in h.iter().enumerate() {
-            let c = chan(blk);
-            for (i, &hi) in hb.iter().enumerate() {
-                W(hi).scatter(cx.state.0.add((bi * d + c) * N + i), N);
+        for (q, hb) in h.iter().enumerate() {
+            let (blk, sb) = (q / nblk, q % nblk);
+            for (j, &hj) in hb.iter().enumerate().take(SB.min(n - sb * SB)) {
+                W(hj).scatter(cx.state.0.add((bi * d + chan(blk)) * n + sb * SB + j), n);
             }
         }
         let f = W(fin).to_array();
@@ -731,24 +1027,14 @@ unsafe fn forward_fast<V: Vf32, const N: usize>(cx: &Ctx<f32>, tk: &Task, c0: us
     }
 }
 
-/// [`forward_fast`] for the common state sizes and finite `A`, else [`forward_task`].
+/// [`forward_fast`] for finite `A`, else [`forward_task`].
 #[inline(always)]
 unsafe fn forward_vectors<V: Vf32>(cx: &Ctx<f32>, tk: &Task, c0: usize, nb: usize) -> bool {
     unsafe {
-        if !cx.a_finite {
-            return forward_task::<W<V>>(cx, tk, c0, nb);
-        }
-        match cx.dims.state {
-            1 => forward_fast::<V, 1>(cx, tk, c0, nb),
-            2 => forward_fast::<V, 2>(cx, tk, c0, nb),
-            3 => forward_fast::<V, 3>(cx, tk, c0, nb),
-            4 => forward_fast::<V, 4>(cx, tk, c0, nb),
-            5 => forward_fast::<V, 5>(cx, tk, c0, nb),
-            6 => forward_fast::<V, 6>(cx, tk, c0, nb),
-            7 => forward_fast::<V, 7>(cx, tk, c0, nb),
-            8 => forward_fast::<V, 8>(cx, tk, c0, nb),
-            16 => forward_fast::<V, 16>(cx, tk, c0, nb),
-            _ => forward_task::<W<V>>(cx, tk, c0, nb),
+        if cx.a_finite {
+            forward_fast::<V>(cx, tk, c0, nb)
+        } else {
+            forward_task::<W<V>>(cx, tk, c0, nb)
         }
     }
 }
@@ -946,6 +1232,367 @@ unsafe fn backward_task<L: Lanes>(
     }
 }
 
+/// Where [`reverse_quad`] reads and writes a block's four states: `hs`, `das` are `(T, SB)`
+/// (the states after each step and the decays), `hstart` the chunk's starting states, `b`, `c`
+/// (read) and `db`, `dc` (accumulated) are `(T, np)`; every pointer is at the quad's first state.
+struct Quad<V> {
+    hs: *const V,
+    hstart: *const V,
+    das: *const V,
+    b: *const f32,
+    c: *const f32,
+    db: *mut V,
+    dc: *mut V,
+    np: usize,
+}
+
+/// Per chunk step: the inputs `dy`, `dt`, `dt·u`, and the sums over states `Σ q·A` (towards
+/// `d dt`), `Σ dL/dh·B` (towards `du` and `d dt`) and `Σ h·C` (the pre-gate output, for `dz`).
+struct PerStep<'a, V> {
+    dy: &'a [V; CHUNK],
+    dt: &'a [V; CHUNK],
+    dtu: &'a [V; CHUNK],
+    ddt: &'a mut [V; CHUNK],
+    sb: &'a mut [V; CHUNK],
+    y: &'a mut [V; CHUNK],
+}
+
+/// The reverse walk over a chunk's `tn` steps for four states of one vector of channels: with
+/// `g = dy·C + dL/dh`, accumulates `dC += dy·h`, `dB += g·dt·u`, `dA += g·h_prev·decay·dt`, the
+/// per-step sums of [`PerStep`] (`Y`: also `Σ h·C`), and carries `dL/dh ← g·decay` back.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn reverse_quad<V: Vf32, const Y: bool>(
+    r: &Quad<V>,
+    tn: usize,
+    st: PerStep<'_, V>,
+    a: &[V; 4],
+    dh: &mut [V; 4],
+    da: &mut [V; 4],
+    ahead: &mut Ahead,
+) {
+    unsafe {
+        let zero = V::splat(0.0);
+        for tl in (0..tn).rev() {
+            ahead.step();
+            let (dy, dt, dtu) = (st.dy[tl], st.dt[tl], st.dtu[tl]);
+            let hc = r.hs.add(tl * SB);
+            let hp = if tl == 0 { r.hstart } else { r.hs.add((tl - 1) * SB) };
+            let dc = r.das.add(tl * SB);
+            let (bp, cp) = (r.b.add(tl * r.np), r.c.add(tl * r.np));
+            let (dbr, dcr) = (r.db.add(tl * r.np), r.dc.add(tl * r.np));
+            let (mut ddt, mut sbv, mut y) = (zero, zero, zero);
+            macro_rules! state {
+                ($j:literal) => {{
+                    let cj = V::splat(*cp.add($j));
+                    let h = *hc.add($j);
+                    let dhi = dy.fma(cj, dh[$j]);
+                    *dcr.add($j) = dy.fma(h, *dcr.add($j));
+                    *dbr.add($j) = dhi.fma(dtu, *dbr.add($j));
+                    let decay = *dc.add($j);
+                    let qv = dhi.mul(*hp.add($j)).mul(decay);
+                    ddt = qv.fma(a[$j], ddt);
+                    da[$j] = qv.fma(dt, da[$j]);
+                    sbv = dhi.fma(V::splat(*bp.add($j)), sbv);
+                    dh[$j] = dhi.mul(decay);
+                    if Y {
+                        y = h.fma(cj, y);
+                    }
+                }};
+            }
+            state!(0);
+            state!(1);
+            state!(2);
+            state!(3);
+            st.ddt[tl] = st.ddt[tl].add(ddt);
+            st.sb[tl] = st.sb[tl].add(sbv);
+            if Y {
+                st.y[tl] = st.y[tl].add(y);
+            }
+        }
+    }
+}
+
+/// The backward of `nb` whole vectors of channels from `c0` (f32, finite `A`, any `n`); returns
+/// the task's dB and dC partial sums, `(l, n)` each.
+///
+/// Chunks are walked in reverse. Per chunk and vector: a pre-pass computes `dt`, `dt·u`, the
+/// gated output gradient `dy` per step; then per block of [`SB`] states the chunk forward is
+/// recomputed from the saved chunk state (the decays in one pass, [`block_decays`], then the
+/// states of every step, kept in L2), and walked backward with the block's `dL/dh` in registers,
+/// accumulating dA per lane, dB and dC per step and state (in lanes, summed over the lanes at
+/// the end of the chunk), and per step the sums over states that `d dt` and `du` need; a
+/// post-pass finishes `du`, `d delta` (through the softplus), `dz`, dD and d delta_bias.
+/// Every sum runs in an order fixed by the shapes: the result is bit-identical whatever the
+/// thread count.
+#[inline(always)]
+unsafe fn backward_fast<V: Vf32>(
+    cx: &Ctx<f32>,
+    bx: &BwdCtx<f32>,
+    tk: &Task,
+    c0: usize,
+    nb: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    unsafe {
+        let ScanDims { dim: d, len: l, state: n, .. } = cx.dims;
+        let nch = l.div_ceil(CHUNK);
+        let (bi, lanes) = (tk.bi, V::LANES);
+        let nblk = n.div_ceil(SB);
+        let np = nblk * SB;
+        let zero = V::splat(0.0);
+        let one = V::splat(1.0);
+        let chan = |blk: usize| c0 + blk * lanes;
+        // Per (vector, state block): A·log2e, A, max |A·log2e|, dL/dh, dA.
+        let mut a2: Vec<[V; SB]> = Vec::with_capacity(nb * nblk);
+        let mut an: Vec<[V; SB]> = Vec::with_capacity(nb * nblk);
+        let mut amax: Vec<f32> = Vec::with_capacity(nb * nblk);
+        let mut dh: Vec<[V; SB]> = Vec::with_capacity(nb * nblk);
+        let mut da_acc: Vec<[V; SB]> = vec![[zero; SB]; nb * nblk];
+        let mut dvec = Vec::with_capacity(nb);
+        let mut bvec = Vec::with_capacity(nb);
+        for blk in 0..nb {
+            let c = chan(blk);
+            for sb in 0..nblk {
+                let (mut av, mut anv, mut dhv) = ([zero; SB], [zero; SB], [zero; SB]);
+                for j in 0..SB.min(n - sb * SB) {
+                    let i = sb * SB + j;
+                    av[j] = W::<V>::gather(cx.a_prep.as_ptr().add(c * n + i), n).0;
+                    anv[j] = W::<V>::gather(cx.a.as_ptr().add(c * n + i), n).0;
+                    if let Some(g) = &bx.grad_last {
+                        dhv[j] = W::<V>::gather(g.at(bi, c, i, 0), g.st[1]).0;
+                    }
+                }
+                amax.push(av.iter().map(|v| v.abs().hmax()).fold(0.0, f32::max));
+                a2.push(av);
+                an.push(anv);
+                dh.push(dhv);
+            }
+            dvec.push(cx.dskip.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
+            bvec.push(cx.bias.as_ref().map_or(zero, |v| V::load(v.as_ptr().add(c))));
+        }
+        let mut dd_acc = vec![zero; nb];
+        let mut dbias_acc = vec![zero; nb];
+        let mut part_b = vec![0f32; l * n];
+        let mut part_c = vec![0f32; l * n];
+        // Per chunk: dB, dC in lanes, `(T, np)`.
+        let mut dbt = vec![zero; CHUNK * np];
+        let mut dct = vec![zero; CHUNK * np];
+        // Per vector and chunk step.
+        let (mut raws, mut dts, mut dtus, mut dys) =
+            ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+        let (mut ddts, mut sbs, mut ys) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+        // Per (vector, state block) and chunk step: the decays and the states after the step.
+        let mut das = [zero; CHUNK * SB];
+        let mut hs = [zero; CHUNK * SB];
+        let w = nb * lanes;
+        let tile = |a: &Arr<f32>| vec![0f32; if in_place(a) { 0 } else { CHUNK * w }];
+        let (mut tu, mut tdl, mut tg) = (tile(&cx.u), tile(&cx.delta), tile(&bx.grad_out));
+        let mut tz = cx.z.as_ref().map_or(Vec::new(), tile);
+        let ot = if cx.channel_last { 0 } else { CHUNK * w };
+        let (mut tdu, mut tdd) = (vec![0f32; ot], vec![0f32; ot]);
+        let mut tdz = vec![0f32; if cx.z.is_some() { ot } else { 0 }];
+        // The inputs read in place (channel-last), at channel c0 and row 0.
+        let mut inplace = Vec::with_capacity(4);
+        for a in [Some(&cx.u), Some(&cx.delta), Some(&bx.grad_out), cx.z.as_ref()].into_iter().flatten() {
+            if in_place(a) {
+                inplace.push((a.at(bi, c0, 0, 0), a.st[2]));
+            }
+        }
+        for k in (0..nch).rev() {
+            let (t0, t1) = (k * CHUNK, ((k + 1) * CHUNK).min(l));
+            let tn = t1 - t0;
+            let bc0 = ((bi * cx.dims.groups + tk.grp) * l + t0) * np;
+            let (bt, ct) = (cx.bt.as_ptr().add(bc0), cx.ct.as_ptr().add(bc0));
+            dbt[..tn * np].iter_mut().for_each(|v| *v = zero);
+            dct[..tn * np].iter_mut().for_each(|v| *v = zero);
+            for (a, t) in [(&cx.u, &mut tu), (&cx.delta, &mut tdl), (&bx.grad_out, &mut tg)] {
+                if !in_place(a) {
+                    stage(a, bi, c0, w, t0, tn, t);
+                }
+            }
+            if let Some(z) = cx.z.as_ref().filter(|z| !in_place(z)) {
+                stage(z, bi, c0, w, t0, tn, &mut tz);
+            }
+            let su = stream(&cx.u, bi, c0, t0, &tu, 0, w);
+            let sdl = stream(&cx.delta, bi, c0, t0, &tdl, 0, w);
+            let sg = stream(&bx.grad_out, bi, c0, t0, &tg, 0, w);
+            let sz = cx.z.as_ref().map(|z| stream(z, bi, c0, t0, &tz, 0, w));
+            // Where du, d delta, dz of the chunk go: in place (channel-last) or tiles.
+            let outs = |o: OutPtr<f32>, tile: &mut Vec<f32>| -> (*mut f32, usize) {
+                if cx.channel_last {
+                    (o.0.add((bi * l + t0) * d + c0), d)
+                } else {
+                    (tile.as_mut_ptr(), w)
+                }
+            };
+            let (pdu, ostep) = outs(cx.out, &mut tdu);
+            let (pdd, _) = outs(bx.ddelta, &mut tdd);
+            let (pdz, _) = outs(bx.dz, &mut tdz);
+            // Prefetch the previous chunk's input rows over this chunk's backward passes.
+            let mut ahead = Ahead::new(&inplace, t0.saturating_sub(CHUNK), t0.min(CHUNK), w, nb * nblk * tn);
+            for blk in 0..nb {
+                let (c, off) = (chan(blk), blk * lanes);
+                // Pre-pass: dt, dt·u, dy (the gradient before the silu(z) gate).
+                let bias = bvec[blk];
+                for tl in 0..tn {
+                    let raw = V::load(sdl.row(tl).add(off)).add(bias);
+                    let dt = if cx.softplus { W(raw).softplus().0 } else { raw };
+                    raws[tl] = raw;
+                    dts[tl] = dt;
+                    dtus[tl] = dt.mul(V::load(su.row(tl).add(off)));
+                    let g = V::load(sg.row(tl).add(off));
+                    dys[tl] = match sz {
+                        Some(sz) => g.mul(silu_fast(V::load(sz.row(tl).add(off)))),
+                        None => g,
+                    };
+                    (ddts[tl], sbs[tl], ys[tl]) = (zero, zero, zero);
+                }
+                // NaN-propagating: a NaN dt sends the chunk down the clamped path.
+                let dtmax = dts[..tn].iter().fold(zero, |m, v| m.max(v.abs())).hmax();
+                for sb in 0..nblk {
+                    let q = blk * nblk + sb;
+                    let nj = SB.min(n - sb * SB);
+                    // Recompute the chunk forward from its saved state.
+                    let mut hstart = [zero; SB];
+                    for (j, hj) in hstart.iter_mut().enumerate().take(nj) {
+                        *hj = W::<V>::gather(bx.saved.at(bi, k, sb * SB + j, c), bx.saved.st[3]).0;
+                    }
+                    for s0 in (0..tn).step_by(TS) {
+                        let dtb = &dts[s0..(s0 + TS).min(tn)];
+                        let out = &mut *(das.as_mut_ptr().add(s0 * SB) as *mut [V; TS * SB]);
+                        if dtmax * amax[q] <= 126.0 {
+                            block_decays::<V, false>(&a2[q], dtb, out);
+                        } else {
+                            block_decays::<V, true>(&a2[q], dtb, out);
+                        }
+                    }
+                    let mut hv = hstart;
+                    for tl in 0..tn {
+                        if cx.reset.is_some() && is_reset(cx, bi, t0 + tl) {
+                            das[tl * SB..(tl + 1) * SB].iter_mut().for_each(|v| *v = zero);
+                        }
+                        let (da, bp) = (&das[tl * SB..], bt.add(tl * np + sb * SB));
+                        let dtu = dtus[tl];
+                        for j in 0..SB {
+                            hv[j] = da.get_unchecked(j).fma(hv[j], dtu.mul(V::splat(*bp.add(j))));
+                        }
+                        hs[tl * SB..(tl + 1) * SB].copy_from_slice(&hv);
+                    }
+                    // The chunk backward, four states at a time (their dL/dh and dA stay in
+                    // registers).
+                    let mut dhv = dh[q];
+                    let mut dav = da_acc[q];
+                    for j0 in (0..SB).step_by(4) {
+                        let rq = Quad {
+                            hs: hs.as_ptr().add(j0),
+                            hstart: hstart.as_ptr().add(j0),
+                            das: das.as_ptr().add(j0),
+                            b: bt.add(sb * SB + j0),
+                            c: ct.add(sb * SB + j0),
+                            db: dbt.as_mut_ptr().add(sb * SB + j0),
+                            dc: dct.as_mut_ptr().add(sb * SB + j0),
+                            np,
+                        };
+                        let a4 = [an[q][j0], an[q][j0 + 1], an[q][j0 + 2], an[q][j0 + 3]];
+                        let mut dh4 = [dhv[j0], dhv[j0 + 1], dhv[j0 + 2], dhv[j0 + 3]];
+                        let mut da4 = [dav[j0], dav[j0 + 1], dav[j0 + 2], dav[j0 + 3]];
+                        let steps = PerStep {
+                            dy: &dys,
+                            dt: &dts,
+                            dtu: &dtus,
+                            ddt: &mut ddts,
+                            sb: &mut sbs,
+                            y: &mut ys,
+                        };
+                        if cx.z.is_some() {
+                            reverse_quad::<V, true>(&rq, tn, steps, &a4, &mut dh4, &mut da4, &mut ahead);
+                        } else {
+                            reverse_quad::<V, false>(&rq, tn, steps, &a4, &mut dh4, &mut da4, &mut ahead);
+                        }
+                        dhv[j0..j0 + 4].copy_from_slice(&dh4);
+                        dav[j0..j0 + 4].copy_from_slice(&da4);
+                    }
+                    dh[q] = dhv;
+                    da_acc[q] = dav;
+                }
+                // Post-pass: du, d delta, dz, dD, d delta_bias (steps in reverse, as the
+                // per-channel sums always ran).
+                let dv = dvec[blk];
+                for tl in (0..tn).rev() {
+                    let uu = V::load(su.row(tl).add(off));
+                    let (dy, dt) = (dys[tl], dts[tl]);
+                    let mut du = zero;
+                    if cx.dskip.is_some() {
+                        dd_acc[blk] = dy.fma(uu, dd_acc[blk]);
+                        du = dy.mul(dv);
+                    }
+                    let ddt = sbs[tl].fma(uu, ddts[tl]);
+                    du = sbs[tl].fma(dt, du);
+                    let draw = if cx.softplus { ddt.mul(W(raws[tl]).softplus_grad().0) } else { ddt };
+                    dbias_acc[blk] = dbias_acc[blk].add(draw);
+                    let o = tl * ostep + off;
+                    du.store(pdu.add(o));
+                    draw.store(pdd.add(o));
+                    if let Some(sz) = sz {
+                        let zz = V::load(sz.row(tl).add(off));
+                        let g = V::load(sg.row(tl).add(off));
+                        let s = W(zz).sigmoid().0;
+                        // d silu(z) = s (1 + z (1 - s)); the pre-gate output is Σ h·C + D·u.
+                        let dsilu = s.mul(zz.fma(one.sub(s), one));
+                        let ypre = if cx.dskip.is_some() { uu.fma(dv, ys[tl]) } else { ys[tl] };
+                        g.mul(ypre).mul(dsilu).store(pdz.add(o));
+                    }
+                }
+            }
+            if !cx.channel_last {
+                unstage(cx, cx.out, bi, c0, w, t0, tn, &tdu);
+                unstage(cx, bx.ddelta, bi, c0, w, t0, tn, &tdd);
+                if cx.z.is_some() {
+                    unstage(cx, bx.dz, bi, c0, w, t0, tn, &tdz);
+                }
+            }
+            for tl in 0..tn {
+                for i in 0..n {
+                    part_b[(t0 + tl) * n + i] = W(dbt[tl * np + i]).lane_sum();
+                    part_c[(t0 + tl) * n + i] = W(dct[tl * np + i]).lane_sum();
+                }
+            }
+        }
+        for blk in 0..nb {
+            let c = chan(blk);
+            for sb in 0..nblk {
+                let q = blk * nblk + sb;
+                for j in 0..SB.min(n - sb * SB) {
+                    let i = sb * SB + j;
+                    W(dh[q][j]).scatter(cx.state.0.add((bi * d + c) * n + i), n);
+                    W(da_acc[q][j]).scatter(bx.da.0.add((bi * d + c) * n + i), n);
+                }
+            }
+            dd_acc[blk].store(bx.dd.0.add(bi * d + c));
+            dbias_acc[blk].store(bx.dbias.0.add(bi * d + c));
+        }
+        (part_b, part_c)
+    }
+}
+
+/// [`backward_fast`] for finite `A`, else [`backward_task`].
+#[inline(always)]
+unsafe fn backward_vectors<V: Vf32>(
+    cx: &Ctx<f32>,
+    bx: &BwdCtx<f32>,
+    tk: &Task,
+    c0: usize,
+    nb: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    unsafe {
+        if cx.a_finite {
+            backward_fast::<V>(cx, bx, tk, c0, nb)
+        } else {
+            backward_task::<W<V>>(cx, bx, tk, c0, nb)
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------ dispatch
 
 struct FwdK<'a> {
@@ -983,11 +1630,11 @@ impl Kernel for BwdK<'_> {
         let rest = tk.c0 + full * w;
         unsafe {
             if rest == tk.c1 {
-                return backward_task::<W<V>>(self.cx, self.bx, tk, tk.c0, full);
+                return backward_vectors::<V>(self.cx, self.bx, tk, tk.c0, full);
             }
-            let (mut pb, mut pc) = backward_task::<W<f32>>(self.cx, self.bx, tk, rest, tk.c1 - rest);
+            let (mut pb, mut pc) = backward_vectors::<f32>(self.cx, self.bx, tk, rest, tk.c1 - rest);
             if full > 0 {
-                let (vb, vc) = backward_task::<W<V>>(self.cx, self.bx, tk, tk.c0, full);
+                let (vb, vc) = backward_vectors::<V>(self.cx, self.bx, tk, tk.c0, full);
                 pb.iter_mut().zip(vb).for_each(|(o, v)| *o += v);
                 pc.iter_mut().zip(vc).for_each(|(o, v)| *o += v);
             }
@@ -1067,13 +1714,17 @@ fn context<S: ScanFloat>(
     chunks: *mut S,
 ) -> Result<Ctx<S>> {
     let a = vec_of::<S>(args.a)?;
+    let (bm, cm) = (arr::<S>(args.b, keep)?, arr::<S>(args.c, keep)?);
     Ok(Ctx {
         dims,
         u: arr(args.u, keep)?,
         delta: arr(args.delta, keep)?,
         z: args.z.map(|t| arr(t, keep)).transpose()?,
-        bm: arr(args.b, keep)?,
-        cm: arr(args.c, keep)?,
+        // SAFETY: `bm`/`cm` view tensors kept alive in `keep` with the checked shapes.
+        bt: unsafe { step_major(&bm, &dims) },
+        ct: unsafe { step_major(&cm, &dims) },
+        bm,
+        cm,
         h0: args.initial_state.map(|t| arr(t, keep)).transpose()?,
         a_prep: a.iter().map(|&v| prep::<S>(v)).collect(),
         a_finite: a.iter().all(|v| v.is_finite()),
@@ -1087,6 +1738,38 @@ fn context<S: ScanFloat>(
         state: OutPtr(state),
         chunks: OutPtr(chunks),
     })
+}
+
+/// `n` zeros in a fresh buffer advised for 2 MiB pages (see [`super::par::advise_huge_pages`]):
+/// the scan's multi-MB outputs would otherwise take a page fault per 4 KiB when first written.
+fn zeros_huge<S: Zero + Clone>(n: usize) -> Vec<S> {
+    let mut v = vec![S::zero(); n];
+    // SAFETY: `MaybeUninit<S>` has the layout of `S`; the slice covers exactly `v`'s `n`
+    // initialised elements, and the advice writes nothing.
+    let s = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut std::mem::MaybeUninit<S>, n) };
+    super::par::advise_huge_pages(s);
+    v
+}
+
+/// A `(b, g, n, l)` view copied to `(b, g, l, np)` (see [`Ctx::bt`]).
+///
+/// # Safety
+/// `x` must view a live tensor of the shape `dims` describes.
+unsafe fn step_major<S: ScanFloat>(x: &Arr<S>, dims: &ScanDims) -> Vec<S> {
+    let ScanDims { batch: b, groups: g, len: l, state: n, .. } = *dims;
+    let np = n.div_ceil(SB) * SB;
+    let mut v = vec![S::zero(); b * g * l * np];
+    for bg in 0..b * g {
+        let (bi, gi) = (bg / g, bg % g);
+        for i in 0..n {
+            // SAFETY: every index is inside the view's shape.
+            let p = unsafe { x.at(bi, gi, i, 0) };
+            for t in 0..l {
+                v[(bg * l + t) * np + i] = unsafe { *p.add(t * x.st[3]) };
+            }
+        }
+    }
+    v
 }
 
 /// `A` as [`Lanes::decay`] wants it: `A·log2e` for f32 (every path), `A` for f64.
@@ -1110,12 +1793,12 @@ fn bdl_tensor<S: WithDType>(v: Vec<S>, dims: &ScanDims, cl: bool, dtype: DType) 
 fn forward_typed<S: ScanFloat>(args: &SelectiveScanArgs, dims: ScanDims) -> Result<SelectiveScanOutput> {
     let ScanDims { batch: b, dim: d, len: l, state: n, .. } = dims;
     let nch = l.div_ceil(CHUNK);
-    let mut out = vec![S::zero(); b * d * l];
+    let mut out = zeros_huge::<S>(b * d * l);
     let mut last = vec![S::zero(); b * d * n];
-    let mut chunks = vec![S::zero(); b * nch * n * d];
+    let mut chunks = zeros_huge::<S>(b * nch * n * d);
     let mut keep = Vec::new();
     let cx = context::<S>(args, dims, &mut keep, out.as_mut_ptr(), last.as_mut_ptr(), chunks.as_mut_ptr())?;
-    let tasks = tasks(&dims, S::lanes());
+    let tasks = tasks(&dims, S::lanes(), TASK_CHANNELS);
     let ok = run_tasks(&tasks, b * d * l * n.max(1) * 4, |tk| S::forward_task(&cx, tk));
     if ok.iter().any(|&v| !v) {
         return Err(Error::invalid(
@@ -1151,9 +1834,9 @@ fn backward_typed<S: ScanFloat>(
     grad_last_state: Option<&Tensor>,
 ) -> Result<SelectiveScanGrads> {
     let ScanDims { batch: b, dim: d, len: l, state: n, groups: g } = dims;
-    let mut du = vec![S::zero(); b * d * l];
-    let mut ddelta = vec![S::zero(); b * d * l];
-    let mut dz = vec![S::zero(); if args.z.is_some() { b * d * l } else { 0 }];
+    let mut du = zeros_huge::<S>(b * d * l);
+    let mut ddelta = zeros_huge::<S>(b * d * l);
+    let mut dz = zeros_huge::<S>(if args.z.is_some() { b * d * l } else { 0 });
     let mut dh0 = vec![S::zero(); b * d * n];
     let mut da = vec![S::zero(); b * d * n];
     let mut dd = vec![S::zero(); b * d];
@@ -1170,19 +1853,28 @@ fn backward_typed<S: ScanFloat>(
         dd: OutPtr(dd.as_mut_ptr()),
         dbias: OutPtr(dbias.as_mut_ptr()),
     };
-    let tasks = tasks(&dims, S::lanes());
+    let tasks = tasks(&dims, S::lanes(), TASK_CHANNELS);
     let parts = run_tasks(&tasks, b * d * l * n.max(1) * 8, |tk| S::backward_task(&cx, &bx, tk));
     let cl = cx.channel_last;
     drop(cx);
-    // dB, dC: the tasks of each (batch, group), in order.
+    // dB, dC: the `(l, n)` partial sums of the tasks of each (batch, group), added in task order,
+    // then transposed to `(n, l)`.
     let mut db = vec![S::zero(); b * g * n * l];
     let mut dc = vec![S::zero(); b * g * n * l];
-    for (tk, (pb, pc)) in tasks.iter().zip(&parts) {
-        let base = (tk.bi * g + tk.grp) * n * l;
+    let (mut sb, mut sc) = (vec![S::zero(); l * n], vec![S::zero(); l * n]);
+    for bg in 0..b * g {
+        sb.iter_mut().chain(sc.iter_mut()).for_each(|v| *v = S::zero());
+        for (tk, (pb, pc)) in tasks.iter().zip(&parts) {
+            if tk.bi * g + tk.grp == bg {
+                sb.iter_mut().zip(pb).for_each(|(o, &v)| *o = *o + v);
+                sc.iter_mut().zip(pc).for_each(|(o, &v)| *o = *o + v);
+            }
+        }
+        let base = bg * n * l;
         for t in 0..l {
             for i in 0..n {
-                db[base + i * l + t] = db[base + i * l + t] + pb[t * n + i];
-                dc[base + i * l + t] = dc[base + i * l + t] + pc[t * n + i];
+                db[base + i * l + t] = sb[t * n + i];
+                dc[base + i * l + t] = sc[t * n + i];
             }
         }
     }
