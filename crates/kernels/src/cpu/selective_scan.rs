@@ -1232,6 +1232,29 @@ unsafe fn backward_task<L: Lanes>(
     }
 }
 
+/// The sums of the lanes of each of `v`'s [`SB`] vectors (each in lane order, pairwise: the same
+/// whatever the thread count). On AVX2 an add tree over the eight vectors at once.
+#[inline(always)]
+unsafe fn lane_sums<V: Vf32>(v: &[V]) -> [f32; SB] {
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if V::LANES == 8 && std::mem::size_of::<V>() == 32 {
+            use std::arch::x86_64::*;
+            // SAFETY: as in `clamp_v`; `v` holds SB = 8 vectors.
+            let x: [__m256; 8] = std::array::from_fn(|i| std::mem::transmute_copy(&v[i]));
+            let (t0, t1) = (_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+            let (t2, t3) = (_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
+            let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+            let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+            let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+            let mut out = [0f32; SB];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi));
+            return out;
+        }
+        std::array::from_fn(|i| W(v[i]).lane_sum())
+    }
+}
+
 /// Where [`reverse_quad`] reads and writes a block's four states: `hs`, `das` are `(T, SB)`
 /// (the states after each step and the decays), `hstart` the chunk's starting states, `b`, `c`
 /// (read) and `db`, `dc` (accumulated) are `(T, np)`; every pointer is at the quad's first state.
@@ -1258,11 +1281,12 @@ struct PerStep<'a, V> {
 }
 
 /// The reverse walk over a chunk's `tn` steps for four states of one vector of channels: with
-/// `g = dy·C + dL/dh`, accumulates `dC += dy·h`, `dB += g·dt·u`, `dA += g·h_prev·decay·dt`, the
-/// per-step sums of [`PerStep`] (`Y`: also `Σ h·C`), and carries `dL/dh ← g·decay` back.
+/// `g = dy·C + dL/dh`, accumulates `dC += dy·h`, `dB += g·dt·u` (`FIRST`: starts them),
+/// `dA += g·h_prev·decay·dt`, the per-step sums of [`PerStep`] (`Y`: also `Σ h·C`), and carries
+/// `dL/dh ← g·decay` back.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn reverse_quad<V: Vf32, const Y: bool>(
+unsafe fn reverse_quad<V: Vf32, const Y: bool, const FIRST: bool>(
     r: &Quad<V>,
     tn: usize,
     st: PerStep<'_, V>,
@@ -1287,8 +1311,14 @@ unsafe fn reverse_quad<V: Vf32, const Y: bool>(
                     let cj = V::splat(*cp.add($j));
                     let h = *hc.add($j);
                     let dhi = dy.fma(cj, dh[$j]);
-                    *dcr.add($j) = dy.fma(h, *dcr.add($j));
-                    *dbr.add($j) = dhi.fma(dtu, *dbr.add($j));
+                    // The first vector of a task starts the chunk's dB, dC sums.
+                    if FIRST {
+                        *dcr.add($j) = dy.mul(h);
+                        *dbr.add($j) = dhi.mul(dtu);
+                    } else {
+                        *dcr.add($j) = dy.fma(h, *dcr.add($j));
+                        *dbr.add($j) = dhi.fma(dtu, *dbr.add($j));
+                    }
                     let decay = *dc.add($j);
                     let qv = dhi.mul(*hp.add($j)).mul(decay);
                     ddt = qv.fma(a[$j], ddt);
@@ -1403,8 +1433,6 @@ unsafe fn backward_fast<V: Vf32>(
             let tn = t1 - t0;
             let bc0 = ((bi * cx.dims.groups + tk.grp) * l + t0) * np;
             let (bt, ct) = (cx.bt.as_ptr().add(bc0), cx.ct.as_ptr().add(bc0));
-            dbt[..tn * np].iter_mut().for_each(|v| *v = zero);
-            dct[..tn * np].iter_mut().for_each(|v| *v = zero);
             for (a, t) in [(&cx.u, &mut tu), (&cx.delta, &mut tdl), (&bx.grad_out, &mut tg)] {
                 if !in_place(a) {
                     stage(a, bi, c0, w, t0, tn, t);
@@ -1504,10 +1532,14 @@ unsafe fn backward_fast<V: Vf32>(
                             sb: &mut sbs,
                             y: &mut ys,
                         };
-                        if cx.z.is_some() {
-                            reverse_quad::<V, true>(&rq, tn, steps, &a4, &mut dh4, &mut da4, &mut ahead);
-                        } else {
-                            reverse_quad::<V, false>(&rq, tn, steps, &a4, &mut dh4, &mut da4, &mut ahead);
+                        let (h4, d4, pf) = (&mut dh4, &mut da4, &mut ahead);
+                        match (cx.z.is_some(), blk == 0) {
+                            (true, true) => reverse_quad::<V, true, true>(&rq, tn, steps, &a4, h4, d4, pf),
+                            (true, false) => reverse_quad::<V, true, false>(&rq, tn, steps, &a4, h4, d4, pf),
+                            (false, true) => reverse_quad::<V, false, true>(&rq, tn, steps, &a4, h4, d4, pf),
+                            (false, false) => {
+                                reverse_quad::<V, false, false>(&rq, tn, steps, &a4, h4, d4, pf)
+                            }
                         }
                         dhv[j0..j0 + 4].copy_from_slice(&dh4);
                         dav[j0..j0 + 4].copy_from_slice(&da4);
@@ -1552,9 +1584,11 @@ unsafe fn backward_fast<V: Vf32>(
                 }
             }
             for tl in 0..tn {
-                for i in 0..n {
-                    part_b[(t0 + tl) * n + i] = W(dbt[tl * np + i]).lane_sum();
-                    part_c[(t0 + tl) * n + i] = W(dct[tl * np + i]).lane_sum();
+                for i0 in (0..n).step_by(SB) {
+                    let m = SB.min(n - i0);
+                    let (o, at) = ((t0 + tl) * n + i0, tl * np + i0);
+                    part_b[o..o + m].copy_from_slice(&lane_sums(&dbt[at..at + SB])[..m]);
+                    part_c[o..o + m].copy_from_slice(&lane_sums(&dct[at..at + SB])[..m]);
                 }
             }
         }
