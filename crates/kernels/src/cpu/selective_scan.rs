@@ -1263,12 +1263,12 @@ unsafe fn lane_sums<V: Vf32>(v: &[V]) -> [f32; SB] {
     }
 }
 
-/// Where [`reverse_quad`] reads and writes a block's four states: `hs`, `das` are `(T, SB)`
-/// (the states after each step and the decays), `hstart` the chunk's starting states, `b`, `c`
-/// (read) and `db`, `dc` (accumulated) are `(T, np)`; every pointer is at the quad's first state.
+/// Where [`reverse_quad`] reads and writes a block's four states: `hs` is `(T + 1, SB)` (the
+/// chunk's starting states, then the states after each step), `das` `(T, SB)` (the decays),
+/// `b`, `c` (read) and `db`, `dc` (accumulated) are `(T, np)`; every pointer is at the quad's
+/// first state.
 struct Quad<V> {
     hs: *const V,
-    hstart: *const V,
     das: *const V,
     b: *const f32,
     c: *const f32,
@@ -1306,10 +1306,11 @@ unsafe fn reverse_quad<V: Vf32, const Y: bool, const FIRST: bool>(
     unsafe {
         let zero = V::splat(0.0);
         for tl in (0..tn).rev() {
-            ahead.step();
+            if tl % 4 == 0 {
+                ahead.step();
+            }
             let (dy, dt, dtu) = (st.dy[tl], st.dt[tl], st.dtu[tl]);
-            let hc = r.hs.add(tl * SB);
-            let hp = if tl == 0 { r.hstart } else { r.hs.add((tl - 1) * SB) };
+            let (hp, hc) = (r.hs.add(tl * SB), r.hs.add((tl + 1) * SB));
             let dc = r.das.add(tl * SB);
             let (bp, cp) = (r.b.add(tl * r.np), r.c.add(tl * r.np));
             let (dbr, dcr) = (r.db.add(tl * r.np), r.dc.add(tl * r.np));
@@ -1421,7 +1422,7 @@ unsafe fn backward_fast<V: Vf32>(
         let (mut ddts, mut sbs, mut ys) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
         // Per (vector, state block) and chunk step: the decays and the states after the step.
         let mut das = [zero; CHUNK * SB];
-        let mut hs = [zero; CHUNK * SB];
+        let mut hs = [zero; (CHUNK + 1) * SB];
         let w = nb * lanes;
         let tile = |a: &Arr<f32>| vec![0f32; if in_place(a) { 0 } else { CHUNK * w }];
         let (mut tu, mut tdl, mut tg) = (tile(&cx.u), tile(&cx.delta), tile(&bx.grad_out));
@@ -1465,7 +1466,8 @@ unsafe fn backward_fast<V: Vf32>(
             let (pdd, _) = outs(bx.ddelta, &mut tdd);
             let (pdz, _) = outs(bx.dz, &mut tdz);
             // Prefetch the previous chunk's input rows over this chunk's backward passes.
-            let mut ahead = Ahead::new(&inplace, t0.saturating_sub(CHUNK), t0.min(CHUNK), w, nb * nblk * tn);
+            let mut ahead =
+                Ahead::new(&inplace, t0.saturating_sub(CHUNK), t0.min(CHUNK), w, nb * nblk * tn / 4);
             for blk in 0..nb {
                 let (c, off) = (chan(blk), blk * lanes);
                 // Pre-pass: dt, dt·u, dy (the gradient before the silu(z) gate).
@@ -1493,6 +1495,7 @@ unsafe fn backward_fast<V: Vf32>(
                     for (j, hj) in hstart.iter_mut().enumerate().take(nj) {
                         *hj = W::<V>::gather(bx.saved.at(bi, k, sb * SB + j, c), bx.saved.st[3]).0;
                     }
+                    hs[..SB].copy_from_slice(&hstart);
                     for s0 in (0..tn).step_by(TS) {
                         let dtb = &dts[s0..(s0 + TS).min(tn)];
                         let out = &mut *(das.as_mut_ptr().add(s0 * SB) as *mut [V; TS * SB]);
@@ -1512,7 +1515,7 @@ unsafe fn backward_fast<V: Vf32>(
                         for j in 0..SB {
                             hv[j] = da.get_unchecked(j).fma(hv[j], dtu.mul(V::splat(*bp.add(j))));
                         }
-                        hs[tl * SB..(tl + 1) * SB].copy_from_slice(&hv);
+                        hs[(tl + 1) * SB..(tl + 2) * SB].copy_from_slice(&hv);
                     }
                     // The chunk backward, four states at a time (their dL/dh and dA stay in
                     // registers).
@@ -1521,7 +1524,6 @@ unsafe fn backward_fast<V: Vf32>(
                     for j0 in (0..SB).step_by(4) {
                         let rq = Quad {
                             hs: hs.as_ptr().add(j0),
-                            hstart: hstart.as_ptr().add(j0),
                             das: das.as_ptr().add(j0),
                             b: bt.add(sb * SB + j0),
                             c: ct.add(sb * SB + j0),
